@@ -1,0 +1,316 @@
+"""User API: ``optc.compile(model)`` and the ``torch.compile(model, backend="optc")`` backend.
+
+Both run the same pipeline on each captured graph: capture -> PassManager -> Program.
+Anything optc cannot handle runs eagerly and is reported: a graph that fails to capture,
+a call under autograd, inputs of parameters optc did not freeze.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from optc import knobs
+from optc.capture import Captured, CaptureError, capture_dynamo, capture_export, capture_symbolic_trace
+from optc.config import CompileConfig, ConfigError
+from optc.graph.cost import annotate_costs
+from optc.passes.manager import PassManager, PipelineResult
+from optc.passes.pipeline import DEFAULT_PIPELINE
+from optc.passes.registry import PASSES
+from optc.runtime.program import Program, ShapeMismatch
+
+# Dynamo keeps one cache per code object; HF models share code objects across instances and
+# sizes, so the default limit of 8 is hit quickly and Dynamo then silently runs eager.
+_RECOMPILE_LIMIT = 64
+
+
+@dataclass
+class GraphReport:
+    """What happened to one captured graph."""
+    frontend: str
+    nodes_captured: int = 0
+    canon_stats: dict[str, int] = field(default_factory=dict)
+    pipeline: PipelineResult | None = None
+    program: Program | None = None
+    capture_s: float = 0.0
+    passes_s: float = 0.0
+    lower_s: float = 0.0
+    eager_reason: str | None = None       # set when the whole graph runs eagerly
+    calls: Counter[str] = field(default_factory=Counter)   # "optc" / "eager:<why>"
+    flops: Any = None
+    bytes: Any = None
+
+    @property
+    def fallbacks(self) -> Counter[str]:
+        return self.program.stats.fallbacks if self.program else Counter()
+
+
+@dataclass
+class CompileReport:
+    graphs: list[GraphReport] = field(default_factory=list)
+    graph_breaks: Counter[str] = field(default_factory=Counter)   # reason -> count
+    first_call_s: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        plans = [p for g in self.graphs if g.program for p in g.program.plans.values()]
+        return {
+            "graphs": len(self.graphs),
+            "graph_breaks": sum(self.graph_breaks.values()),
+            "eager_graphs": sum(1 for g in self.graphs if g.eager_reason),
+            "fallback_ops": sum(sum(g.fallbacks.values()) for g in self.graphs),
+            "calls": dict(sum((g.calls for g in self.graphs), Counter())),
+            "arena_bytes": sum(p.arena_bytes for p in plans[-len(self.graphs):]) if plans else 0,
+            "lower_bound_bytes": sum(p.lower_bound_bytes for p in plans[-len(self.graphs):]) if plans else 0,
+            "pass_stats": [g.pipeline.stats() for g in self.graphs if g.pipeline],
+        }
+
+
+# Reports of graphs compiled through torch.compile(backend="optc"), newest last.
+_BACKEND_REPORTS: list[GraphReport] = []
+
+
+def last_report() -> GraphReport | None:
+    return _BACKEND_REPORTS[-1] if _BACKEND_REPORTS else None
+
+
+def _log(topic: str, msg: str) -> None:
+    if knobs.log_enabled(topic):
+        print(f"[optc:{topic}] {msg}", file=sys.stderr)
+
+
+def _resolve_config(config: CompileConfig | dict | None) -> CompileConfig:
+    if config is None:
+        return CompileConfig()
+    if isinstance(config, dict):
+        return CompileConfig.from_dict(config)
+    if not isinstance(config, CompileConfig):
+        raise ConfigError(f"config must be an optc.CompileConfig or a dict, got {type(config).__name__}")
+    return config
+
+
+def optimize_graph(captured: Captured, cfg: CompileConfig, report: GraphReport,
+                   record_graphs: bool = False) -> Program:
+    """Passes + lowering for one canonical graph."""
+    pipeline = cfg.pipeline if cfg.pipeline is not None else DEFAULT_PIPELINE
+    t0 = time.perf_counter()
+    result = PassManager(PASSES, pipeline).run(captured.gm, cfg, record_graphs=record_graphs)
+    report.pipeline = result
+    report.passes_s = time.perf_counter() - t0
+    total = annotate_costs(result.gm)
+    report.flops, report.bytes = total.flops, total.bytes
+    t0 = time.perf_counter()
+    max_plans = cfg.max_plans or knobs.MAX_PLANS.get()
+    program = Program(result.gm, plan_memory=cfg.plan_memory, max_plans=max_plans)
+    report.lower_s = time.perf_counter() - t0
+    report.program = program
+    _log("runtime", f"program: {program.stats}")
+    return program
+
+
+class _DynamoGraph:
+    """What the backend returns to Dynamo for one graph: runs the Program, or eager when it must."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CompileConfig,
+                 report: GraphReport, record_graphs: bool = False):
+        self.eager = gm.forward
+        self.report = report
+        self.cfg = cfg
+        self.gm = gm
+        self.record_graphs = record_graphs
+        # keyed by the identities of the frozen parameters: another module instance sharing
+        # this code object passes other parameters and gets its own variant
+        self.variants: OrderedDict[tuple[int, ...], tuple[Captured, Program]] = OrderedDict()
+        self._add_variant(example_inputs)
+
+    def _add_variant(self, inputs: Sequence[Any]) -> tuple[Captured, Program] | None:
+        strict = self.cfg.strict if self.cfg.strict is not None else knobs.STRICT.get()
+        t0 = time.perf_counter()
+        try:
+            cap = capture_dynamo(self.gm, inputs)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            if strict:
+                raise
+            self.report.eager_reason = f"capture failed: {type(e).__name__}: {str(e)[:200]}"
+            _log("capture", self.report.eager_reason)
+            return None
+        self.report.capture_s = time.perf_counter() - t0
+        self.report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
+        self.report.canon_stats = dict(cap.canon_stats)
+        program = optimize_graph(cap, self.cfg, self.report, self.record_graphs)
+        key = tuple(id(t) for _, t in cap.frozen)
+        self.variants[key] = (cap, program)
+        self._select(cap, program)
+        while len(self.variants) > 4:
+            self.variants.popitem(last=False)
+        return cap, program
+
+    def _select(self, cap: Captured, program: Program) -> None:
+        self._fidx = [i for i, _ in cap.frozen]
+        self._fobj = [t for _, t in cap.frozen]
+        self._ridx = cap.runtime_inputs
+        self._program = program
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.variants:
+            self.report.calls["eager:capture"] += 1
+            return self.eager(*args)
+        if not all(map(operator.is_, map(args.__getitem__, self._fidx), self._fobj)):
+            key = tuple(id(args[i]) for i in self._fidx)
+            hit = self.variants.get(key) or self._add_variant(args)
+            if hit is None:
+                self.report.calls["eager:capture"] += 1
+                return self.eager(*args)
+            self.variants.move_to_end(key)
+            self._select(*hit)
+        if torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # optc is an inference compiler: under autograd the original graph runs, so
+            # gradients stay exact; call under torch.no_grad() to get the optimized path.
+            self.report.calls["eager:autograd"] += 1
+            return self.eager(*args)
+        self.report.calls["optc"] += 1
+        try:
+            return self._program(*map(args.__getitem__, self._ridx))
+        except ShapeMismatch:
+            self.report.calls["eager:shape"] += 1
+            return self.eager(*args)
+
+
+def optc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
+                 config: CompileConfig | dict | None = None,
+                 sink: list[GraphReport] | None = None, record_graphs: bool = False) -> Callable:
+    """The Dynamo backend (``torch.compile(model, backend="optc")``, via the entry point)."""
+    cfg = _resolve_config(config)
+    report = GraphReport("dynamo")
+    (sink if sink is not None else _BACKEND_REPORTS).append(report)
+    if sink is None:
+        del _BACKEND_REPORTS[:-64]
+    return _DynamoGraph(gm, example_inputs, cfg, report, record_graphs)
+
+
+class CompiledModel(torch.nn.Module):
+    """A compiled model: called like the original (args and kwargs); ``.report`` says what ran."""
+
+    def __init__(self, model: torch.nn.Module, cfg: CompileConfig, inference: bool = True,
+                 record_graphs: bool = False):
+        super().__init__()
+        self.record_graphs = record_graphs
+        self.model = model
+        self.config = cfg
+        self.inference = inference
+        self.report = CompileReport()
+        from torch._dynamo.utils import counters
+        self._breaks_before = Counter(counters["graph_break"])
+        if cfg.frontend == "dynamo":
+            _raise_recompile_limit()
+            backend = functools.partial(optc_backend, config=cfg, sink=self.report.graphs,
+                                        record_graphs=record_graphs)
+            self._compiled: Callable = torch.compile(model, backend=backend)
+        else:
+            self._compiled = self._call_captured
+            self._captures: OrderedDict[tuple, tuple[Captured, Program]] = OrderedDict()
+
+    # ---- export / symbolic_trace frontends: one capture per input-shape set ---------------
+    def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, Program]:
+        report = GraphReport(self.config.frontend)
+        t0 = time.perf_counter()
+        if self.config.frontend == "export":
+            cap = capture_export(self.model, args, kwargs)
+        else:
+            cap = capture_symbolic_trace(self.model, args, kwargs)
+        report.capture_s = time.perf_counter() - t0
+        report.canon_stats = dict(cap.canon_stats)
+        report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
+        self.report.graphs.append(report)
+        return cap, optimize_graph(cap, self.config, report, self.record_graphs)
+
+    def _call_captured(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        key = (spec, tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in flat))
+        hit = self._captures.get(key)
+        if hit is None:
+            hit = self._capture(tuple(args), dict(kwargs))
+            self._captures[key] = hit
+            max_plans = self.config.max_plans or knobs.MAX_PLANS.get()
+            while len(self._captures) > max_plans:
+                self._captures.popitem(last=False)
+        cap, program = hit
+        out = program(*[x for x in flat if isinstance(x, torch.Tensor)]) \
+            if cap.frontend == "export" else program(*flat)
+        return pytree.tree_unflatten(list(out), cap.out_spec)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._dynamo.utils import counters
+        breaks = counters["graph_break"]
+        seen = sum(breaks.values())
+        first = self.report.first_call_s is None
+        t0 = time.perf_counter() if first else 0.0
+        if self.inference:
+            with torch.no_grad():
+                out = self._compiled(*args, **kwargs)
+        else:
+            out = self._compiled(*args, **kwargs)
+        if first:
+            self.report.first_call_s = time.perf_counter() - t0
+        if sum(breaks.values()) != seen:      # Dynamo compiled during this call
+            self.report.graph_breaks.update(Counter(breaks) - self._breaks_before)
+        self._breaks_before = Counter(breaks)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["model"], name)
+
+
+def _raise_recompile_limit() -> None:
+    """HF models share code objects across instances and sizes; each optc.compile of another
+    config adds a cache entry to the same code object, and past Dynamo's limit (8) Dynamo
+    silently runs eager. Raise the limit (never lower it) when a model is compiled."""
+    cfg = torch._dynamo.config
+    if cfg.recompile_limit < _RECOMPILE_LIMIT:
+        _log("capture", f"raising torch._dynamo.config.recompile_limit "
+                        f"{cfg.recompile_limit} -> {_RECOMPILE_LIMIT}")
+        cfg.recompile_limit = _RECOMPILE_LIMIT
+
+
+def compile(model: torch.nn.Module, *, config: CompileConfig | dict | None = None,
+            example_inputs: tuple | tuple[tuple, dict] | None = None,
+            inference: bool = True, record_graphs: bool = False) -> CompiledModel:
+    """Compile ``model``; returns a module called exactly like it.
+
+    ``example_inputs``: ``(args, kwargs)`` or a tuple of positional args. With it, compilation
+    happens now (the first call's cost is paid here); the ``export`` and ``symbolic_trace``
+    frontends capture on the first call either way. ``inference=True`` runs calls under
+    ``torch.no_grad()`` (optc optimizes inference; under autograd the original graph runs).
+    ``record_graphs`` keeps the printed graph after each pass that changed it (for inspection).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optc.compile expects a torch.nn.Module, got {type(model).__name__}; "
+                        "wrap a function in an nn.Module or use torch.compile(fn, backend='optc')")
+    cfg = _resolve_config(config)
+    compiled = CompiledModel(model, cfg, inference=inference, record_graphs=record_graphs)
+    if example_inputs is not None:
+        args, kwargs = _split_example(example_inputs)
+        compiled(*args, **kwargs)
+    return compiled
+
+
+def _split_example(ex: Any) -> tuple[tuple, dict]:
+    if isinstance(ex, tuple) and len(ex) == 2 and isinstance(ex[0], tuple) and isinstance(ex[1], dict):
+        return ex
+    if isinstance(ex, tuple):
+        return ex, {}
+    if isinstance(ex, dict):
+        return (), ex
+    return (ex,), {}

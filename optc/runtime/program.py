@@ -1,0 +1,328 @@
+"""Program: the final graph lowered to a flat list of prebound calls over a static arena.
+
+Lowering turns every node into one straight-line Python statement bound to its
+implementation (not the FX Interpreter): ``optc::`` ops call their CPU implementation
+directly on CPU tensors and their Triton wrapper on CUDA tensors; ATen ops call the
+operator; values the planner placed call the op's ``out=`` form into their arena slot.
+Anything else (an unknown Python callable, another library's custom op) runs as the
+original call: a *fallback*, counted and reported.
+
+Memory: one arena per concrete input-shape set (``Plan``), kept in an LRU of at most
+``max_plans`` entries; a graph with symbolic sizes reuses the same code for every shape.
+Values that escape (graph outputs and their aliases) are never planned, so returned
+tensors are never overwritten by a later call.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from optc.graph.printer import target_str
+from optc.graph.shape import size_expr
+from optc.runtime.memory_plan import Buffer, greedy_by_size, lower_bound
+
+ALWAYS_LOWERED = frozenset({operator.getitem, torch._C._set_grad_enabled})
+
+
+class ShapeMismatch(RuntimeError):
+    """Inputs do not fit a graph specialized to other shapes (the caller re-captures)."""
+
+
+@dataclass
+class Plan:
+    key: tuple
+    arena_bytes: int
+    lower_bound_bytes: int
+    planned_bytes: int             # sum of planned buffer sizes (what no reuse would cost)
+    slots: list[torch.Tensor]
+
+
+@dataclass
+class ProgramStats:
+    instructions: int = 0
+    lowered: Counter[str] = field(default_factory=Counter)    # kind -> count
+    fallbacks: Counter[str] = field(default_factory=Counter)  # target -> count
+    planned_values: int = 0
+    unplanned_values: int = 0
+
+
+def _out_overload(t: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """The ``out=`` form of a functional ATen op with one tensor result, if it has one."""
+    if t.namespace != "aten" or t._schema.is_mutable:
+        return None
+    rets = t._schema.returns
+    if len(rets) != 1 or str(rets[0].type) != "Tensor" or rets[0].alias_info is not None:
+        return None
+    packet = t.overloadpacket
+    names = [f"{t._overloadname}_out", "out"] if t._overloadname != "default" else ["out"]
+    for name in names:
+        cand = getattr(packet, name, None) if name in packet.overloads() else None
+        if cand is None:
+            continue
+        s = cand._schema
+        outs = [a for a in s.arguments if a.is_out]
+        ins = [a for a in s.arguments if not a.is_out]
+        if len(outs) == 1 and outs[0].name == "out" and \
+                [a.name for a in ins] == [a.name for a in t._schema.arguments]:
+            return cand
+    return None
+
+
+def _is_alias_op(n: fx.Node) -> bool:
+    t = n.target
+    if isinstance(t, torch._ops.OpOverload):
+        return any(r.alias_info is not None for r in t._schema.returns)
+    return t is operator.getitem
+
+
+def _lit(v: Any, consts: dict[str, Any], names: dict[fx.Node, str]) -> str:
+    if isinstance(v, fx.Node):
+        return names[v]
+    if isinstance(v, (list, tuple)):
+        inner = ", ".join(_lit(x, consts, names) for x in v)
+        return f"[{inner}]" if isinstance(v, list) else f"({inner}{',' if len(v) == 1 else ''})"
+    if v is None or isinstance(v, (bool, int, str)):
+        return repr(v)
+    if isinstance(v, float) and v == v and abs(v) != float("inf"):
+        return repr(v)
+    key = f"k{len(consts)}"
+    consts[key] = v
+    return key
+
+
+class Program:
+    def __init__(self, gm: fx.GraphModule, *, plan_memory: bool = True, max_plans: int = 8):
+        self.gm = gm
+        self.max_plans = max_plans
+        self.stats = ProgramStats()
+        self.plans: OrderedDict[tuple, Plan] = OrderedDict()
+        nodes = list(gm.graph.nodes)
+        self.placeholders = [n for n in nodes if n.op == "placeholder"]
+        out_node = next(n for n in nodes if n.op == "output")
+        body = [n for n in nodes if n.op == "call_function"]
+        self.stats.instructions = len(body)
+        index = {n: i for i, n in enumerate(body)}
+
+        # ---- aliasing and liveness -------------------------------------------------------
+        base: dict[fx.Node, set[fx.Node]] = {}
+        for n in nodes:
+            if n.op != "call_function":
+                base[n] = {n}
+            elif _is_alias_op(n):
+                src = n.args[0]
+                base[n] = set(base.get(src, {src})) if isinstance(src, fx.Node) else {n}
+            elif self._lowerable(n):
+                base[n] = {n}
+            else:   # unknown op: its result may alias any input
+                base[n] = {n}.union(*(base.get(a, {a}) for a in n.all_input_nodes))
+        last_use: dict[fx.Node, int] = {}
+        for n in body:
+            for a in n.all_input_nodes:
+                for b in base.get(a, {a}):
+                    last_use[b] = max(last_use.get(b, -1), index[n])
+        escaping: set[fx.Node] = set()
+        for a in out_node.all_input_nodes:
+            escaping |= base.get(a, {a})
+
+        # ---- what goes in the arena --------------------------------------------------------
+        self.planned: list[fx.Node] = []
+        self.buffers_static: list[tuple[int, int]] = []   # (start, end) per planned value
+        out_forms: dict[fx.Node, torch._ops.OpOverload] = {}
+        for n in body:
+            v = n.meta.get("val")
+            if not isinstance(v, torch.Tensor) or n in escaping or not plan_memory:
+                if isinstance(v, torch.Tensor) and not _is_alias_op(n):
+                    self.stats.unplanned_values += 1
+                continue
+            if not isinstance(n.target, torch._ops.OpOverload) or _is_alias_op(n):
+                if not _is_alias_op(n):
+                    self.stats.unplanned_values += 1
+                continue
+            form = _out_overload(n.target)
+            if form is None or not is_non_overlapping_and_dense(v) or v.storage_offset() != 0:
+                self.stats.unplanned_values += 1
+                continue
+            out_forms[n] = form
+            self.planned.append(n)
+            self.buffers_static.append((index[n], max(last_use.get(n, index[n]), index[n])))
+        self.stats.planned_values = len(self.planned)
+        slot_of = {n: k for k, n in enumerate(self.planned)}
+
+        # ---- code generation ---------------------------------------------------------------
+        names: dict[fx.Node, str] = {}
+        consts: dict[str, Any] = {}
+        for k, n in enumerate(self.placeholders):
+            names[n] = f"a{k}"
+        for n in nodes:
+            if n.op == "get_attr":
+                key = f"c{len(consts)}"
+                obj: Any = gm
+                for part in str(n.target).split("."):
+                    obj = getattr(obj, part)
+                consts[key] = obj
+                names[n] = key
+        for i, n in enumerate(body):
+            names[n] = f"v{i}"
+        dead_after: dict[int, list[str]] = {}
+        outputs = set(out_node.all_input_nodes)
+        for n in body:
+            if n in outputs or not n.users:
+                continue
+            end = max(index[u] for u in n.users if u.op != "output")
+            dead_after.setdefault(end, []).append(names[n])
+
+        lines_planned: list[str] = []
+        lines_plain: list[str] = []
+        for i, n in enumerate(body):
+            fn_name = f"f{i}"
+            args = ", ".join([_lit(a, consts, names) for a in n.args]
+                             + [f"{k}={_lit(v, consts, names)}" for k, v in n.kwargs.items()])
+            if n.target is operator.getitem:
+                stmt = f"{names[n]} = {_lit(n.args[0], consts, names)}[{_lit(n.args[1], consts, names)}]"
+                self.stats.lowered["getitem"] += 1
+                lines_planned.append(stmt)
+                lines_plain.append(stmt)
+            else:
+                fn, kind = self._bind(n)
+                consts[fn_name] = fn
+                if kind.startswith("fallback"):
+                    self.stats.fallbacks[target_str(n.target)] += 1
+                else:
+                    self.stats.lowered[kind] += 1
+                plain = f"{names[n]} = {fn_name}({args})"
+                lines_plain.append(plain)
+                if n in out_forms:
+                    consts[f"o{i}"] = out_forms[n]._op
+                    sep = ", " if args else ""
+                    lines_planned.append(f"{names[n]} = o{i}({args}{sep}out=S[{slot_of[n]}])")
+                    self.stats.lowered["out_variant"] += 1
+                else:
+                    lines_planned.append(plain)
+            if i in dead_after:
+                d = f"del {', '.join(dead_after[i])}"
+                lines_planned.append(d)
+                lines_plain.append(d)
+        ret = _lit(out_node.args[0], consts, names)
+        params = ", ".join(names[p] for p in self.placeholders)
+        self._globals = dict(consts)
+        self.source_planned = self._emit("run_planned", params, lines_planned, ret, with_slots=True)
+        self.source_plain = self._emit("run_plain", params, lines_plain, ret, with_slots=False)
+        ns: dict[str, Any] = {}
+        code = compile(self.source_planned + "\n" + self.source_plain, f"<optc program {id(self):x}>", "exec")
+        exec(code, self._globals, ns)  # noqa: S102 - generated straight-line code, as torch.fx does
+        self._run_planned: Callable = ns["run_planned"]
+        self._run_plain: Callable = ns["run_plain"]
+
+        # ---- symbolic sizes -----------------------------------------------------------------
+        self._bind_dims: list[tuple[int, int | None, sympy.Symbol]] = []   # (input idx, dim, sym)
+        for k, p in enumerate(self.placeholders):
+            v = p.meta.get("val")
+            if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+                self._bind_dims.append((k, None, v.node.expr))
+            elif isinstance(v, torch.Tensor):
+                for d, s in enumerate(v.shape):
+                    e = size_expr(s)
+                    if isinstance(e, sympy.Symbol):
+                        self._bind_dims.append((k, d, e))
+        self.symbolic = bool(self._bind_dims)
+        self._static_shapes = [tuple(int(s) for s in p.meta["val"].shape)
+                               if isinstance(p.meta.get("val"), torch.Tensor) and not self.symbolic
+                               else None for p in self.placeholders]
+
+    @staticmethod
+    def _emit(name: str, params: str, lines: list[str], ret: str, with_slots: bool) -> str:
+        sig = f"{params}, S" if with_slots and params else ("S" if with_slots else params)
+        body = "\n".join("    " + l for l in lines) or "    pass"
+        return f"def {name}({sig}):\n{body}\n    return {ret}\n"
+
+    def _lowerable(self, n: fx.Node) -> bool:
+        t = n.target
+        if t in ALWAYS_LOWERED:
+            return True
+        return isinstance(t, torch._ops.OpOverload) and t.namespace in ("aten", "optc", "prims")
+
+    def _bind(self, n: fx.Node) -> tuple[Callable, str]:
+        t = n.target
+        if isinstance(t, torch._ops.OpOverload) and t.namespace == "optc":
+            from optc.ops import get_op_def
+            d = get_op_def(t)
+            devs = {a.meta["val"].device.type for a in n.all_input_nodes
+                    if isinstance(a.meta.get("val"), torch.Tensor)}
+            if d is not None and devs <= {"cpu"}:
+                return d.cpu, "optc.cpu"
+            if d is not None and d.triton is not None and devs == {"cuda"}:
+                return d.triton, "optc.triton"
+            return t, "fallback"
+        if t is torch._C._set_grad_enabled:
+            return t, "grad_mode"
+        if isinstance(t, torch._ops.OpOverload) and t.namespace in ("aten", "prims"):
+            return t._op, "aten"
+        return t, "fallback"
+
+    # ---- plans -------------------------------------------------------------------------------
+    def _key(self, inputs: tuple) -> tuple:
+        return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    def _make_plan(self, key: tuple, inputs: tuple) -> Plan:
+        bindings: dict[sympy.Symbol, int] = {}
+        for k, d, sym in self._bind_dims:
+            x = inputs[k]
+            bindings[sym] = int(x) if d is None else int(x.shape[d])
+
+        def ev(s: Any) -> int:
+            e = size_expr(s)
+            return int(e) if isinstance(e, int) else int(e.subs(bindings))
+
+        metas = []
+        bufs = []
+        for n, (start, end) in zip(self.planned, self.buffers_static):
+            v = n.meta["val"]
+            shape = [ev(s) for s in v.shape]
+            stride = [ev(s) for s in v.stride()]
+            numel = 1
+            for s in shape:
+                numel *= s
+            extent = 1 + sum((sz - 1) * st for sz, st in zip(shape, stride)) if numel else 0
+            metas.append((shape, stride, v.dtype, v.device, extent))
+            bufs.append(Buffer(start, end, extent * v.element_size()))
+        offsets, arena_bytes = greedy_by_size(bufs)
+        device = metas[0][3] if metas else torch.device("cpu")
+        arena = torch.empty(max(arena_bytes, 1), dtype=torch.uint8, device=device)
+        slots = []
+        for (shape, stride, dtype, _, extent), off, b in zip(metas, offsets, bufs):
+            raw = arena[off:off + b.size].view(dtype)
+            slots.append(torch.as_strided(raw, shape, stride))
+        return Plan(key, arena_bytes, lower_bound(bufs), sum(b.size for b in bufs), slots)
+
+    def plan_for(self, inputs: tuple) -> Plan:
+        key = self._key(inputs)
+        plan = self.plans.get(key)
+        if plan is not None:
+            self.plans.move_to_end(key)
+            return plan
+        if not self.symbolic:
+            for x, want in zip(inputs, self._static_shapes):
+                if want is not None and tuple(x.shape) != want:
+                    raise ShapeMismatch(f"input shape {tuple(x.shape)} != traced {want}")
+        plan = self._make_plan(key, inputs)
+        self.plans[key] = plan
+        while len(self.plans) > self.max_plans:
+            self.plans.popitem(last=False)
+        return plan
+
+    def __call__(self, *inputs: Any) -> Any:
+        if torch.is_grad_enabled() or not self.planned:
+            if not self.symbolic:
+                for x, want in zip(inputs, self._static_shapes):
+                    if want is not None and tuple(x.shape) != want:
+                        raise ShapeMismatch(f"input shape {tuple(x.shape)} != traced {want}")
+            return self._run_plain(*inputs)   # out= forms do not support autograd
+        return self._run_planned(*inputs, self.plan_for(inputs).slots)

@@ -1,0 +1,57 @@
+"""Shared test setup: every test starts from a fixed RNG, a fresh Dynamo and private optc dirs.
+
+The fp32 tolerance every compiled-vs-eager comparison uses lives here, stated once with its reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+# fp32 tolerance of compiled vs eager: max |compiled - eager| <= RTOL * max(1, max |eager|).
+# Fused or reordered fp32 reductions (matmul blocking, a fused add+norm, SDPA vs softmax(QK^T)V)
+# differ from eager by a few ulps times the reduction length (<= a few hundred here). 1e-4
+# relative to the output's scale is ~1000 ulps (fp32 ulp ~1.2e-7): above that noise, yet far
+# below any real bug (a wrong mask, a dropped bias, a swapped operand gives O(1) errors).
+RTOL = 1e-4
+
+
+def _output(out: object) -> torch.Tensor:
+    """The tensor of a model output: a tensor, or a HF ModelOutput's logits / last hidden state."""
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _assert_matches_eager(out: object, ref: object) -> None:
+    out, ref = _output(out), _output(ref)
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, out.dtype, ref.shape, ref.dtype)
+    bound = RTOL * max(1.0, ref.abs().max().item())
+    err = (out - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= bound, f"max |compiled - eager| = {err:.3g} > {bound:.3g}"
+
+
+@pytest.fixture(scope="session")
+def assert_matches_eager() -> Callable[[object, object], None]:
+    """``assert_matches_eager(compiled_out, eager_out)``: shapes, dtypes and values within RTOL.
+
+    Session-scoped (it is a pure function) so hypothesis tests can use it too.
+    """
+    return _assert_matches_eager
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
+    """Fixed seed; kernel cache and crash reproducers in a temporary directory; fresh Dynamo caches.
+
+    ``torch._dynamo.reset()`` on both sides so compiled code and recompile counts of one test
+    never leak into the next (HF models share code objects across instances).
+    """
+    torch.manual_seed(0)
+    monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path_factory.mktemp("optc_cache")))
+    monkeypatch.setenv("OPTC_REPRO_DIR", str(tmp_path_factory.mktemp("optc_repro")))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
