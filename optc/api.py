@@ -48,6 +48,8 @@ class GraphReport:
     calls: Counter[str] = field(default_factory=Counter)   # "optc" / "eager:<why>"
     flops: Any = None
     bytes: Any = None
+    keep_inputs: bool = False             # remember the last runtime inputs (for measuring)
+    last_inputs: tuple | None = None
 
     @property
     def fallbacks(self) -> Counter[str]:
@@ -178,6 +180,8 @@ class _DynamoGraph:
             self.report.calls["eager:autograd"] += 1
             return self.eager(*args)
         self.report.calls["optc"] += 1
+        if self.report.keep_inputs:
+            self.report.last_inputs = tuple(map(args.__getitem__, self._ridx))
         try:
             return self._program(*map(args.__getitem__, self._ridx))
         except ShapeMismatch:
@@ -244,6 +248,10 @@ class CompiledModel(torch.nn.Module):
             while len(self._captures) > max_plans:
                 self._captures.popitem(last=False)
         cap, program = hit
+        report = self.report.graphs[-1] if self.report.graphs else None
+        if report is not None and report.keep_inputs:
+            report.last_inputs = tuple(x for x in flat if isinstance(x, torch.Tensor)) \
+                if cap.frontend == "export" else tuple(flat)
         out = program(*[x for x in flat if isinstance(x, torch.Tensor)]) \
             if cap.frontend == "export" else program(*flat)
         return pytree.tree_unflatten(list(out), cap.out_spec)
@@ -265,6 +273,30 @@ class CompiledModel(torch.nn.Module):
             self.report.graph_breaks.update(Counter(breaks) - self._breaks_before)
         self._breaks_before = Counter(breaks)
         return out
+
+    def measure_memory(self, *args: Any, **kwargs: Any) -> dict[str, int]:
+        """Arena bytes and the peak of what ops allocate beyond it, for this input.
+
+        Measured on each graph's Program directly (a dispatch mode makes Dynamo skip compiled
+        code, so the model-level call cannot be measured that way). With several graphs the
+        transient peaks are summed: an upper bound."""
+        from optc.runtime.peak import measure_program_peak
+        for g in self.report.graphs:
+            g.keep_inputs = True
+        try:
+            self(*args, **kwargs)
+        finally:
+            for g in self.report.graphs:
+                g.keep_inputs = False
+        arena = transient = 0
+        for g in self.report.graphs:
+            if g.program is None or g.last_inputs is None:
+                continue
+            with torch.no_grad():
+                transient += measure_program_peak(g.program, g.last_inputs)
+            arena += g.program.plan_for(g.last_inputs).arena_bytes if g.program.planned else 0
+            g.last_inputs = None
+        return {"arena_bytes": arena, "transient_peak_bytes": transient}
 
     def __getattr__(self, name: str) -> Any:
         try:

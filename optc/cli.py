@@ -142,7 +142,7 @@ def inspect_model(spec: ModelSpec, passes: list[str] | None, frontend: str) -> d
         out = compiled(*spec.args, **spec.kwargs)
         ext = module_tensors(spec.model)
         eager_peak = measure_peak_bytes(spec.model, *spec.args, external=ext, **spec.kwargs)
-        optc_transient = measure_peak_bytes(compiled, *spec.args, external=ext, **spec.kwargs)
+        optc_mem = compiled.measure_memory(*spec.args, **spec.kwargs)
     diff = _max_diff(eager_out, out)
     rep = compiled.report
     graphs = []
@@ -178,7 +178,7 @@ def inspect_model(spec: ModelSpec, passes: list[str] | None, frontend: str) -> d
     return {"model": spec.label, "frontend": frontend, "graphs": graphs,
             "graph_breaks": dict(rep.graph_breaks), "max_abs_diff_vs_eager": diff,
             "memory": {"eager_peak_bytes": eager_peak, "optc_arena_bytes": arena,
-                       "optc_transient_peak_bytes": optc_transient}}
+                       "optc_transient_peak_bytes": optc_mem["transient_peak_bytes"]}}
 
 
 def _bindings(program: Any, plan: Any) -> dict:

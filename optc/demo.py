@@ -46,9 +46,9 @@ def run_demo(spec: ModelSpec, threads: int | None = None) -> str:
         compile_s = time.perf_counter() - t0
         out = compiled(*args, **kwargs)
         optc_ms = _median_ms(lambda: compiled(*args, **kwargs))
-        transient = measure_peak_bytes(compiled, *args, external=ext, **kwargs)
+        mem = compiled.measure_memory(*args, **kwargs)
     rep = compiled.report
-    arena = sum(p.arena_bytes for g in rep.graphs if g.program for p in g.program.plans.values())
+    arena, transient = mem["arena_bytes"], mem["transient_peak_bytes"]
     lower = sum(p.lower_bound_bytes for g in rep.graphs if g.program for p in g.program.plans.values())
     diff = _max_diff(ref, out)
     scale = max(abs(t).max().item() for t in [ref] if isinstance(t, torch.Tensor)) \

@@ -94,7 +94,7 @@ class KernelCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self._root = root
-        self._memo: dict[tuple[str, str, str], Any] = {}
+        self._memo: dict[tuple[str, str, str, bool], Any] = {}
         self._counts: Counter[str] = Counter()
 
     @property
@@ -118,11 +118,12 @@ class KernelCache:
         config = dict(config or {})
         key = cache_key(source, config)
         root = self.root
-        memo_key = (str(root), key, entry)
+        # @triton.jit picks interpreter or compiler when the module executes: keep one of each
+        memo_key = (str(root), key, entry, knobs.TRITON_INTERPRET.get())
         if memo_key in self._memo:
             self._counts["memo_hits"] += 1
             return self._memo[memo_key]
-        py, meta = self.paths(key)
+        py, meta = root / f"{key}.py", root / f"{key}.json"
         if py.exists() or meta.exists():
             try:
                 fn = self._read(key, entry, py, meta)

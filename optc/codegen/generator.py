@@ -33,6 +33,11 @@ class KernelOrigin:
     pass_name: str                 # the pass that created it, e.g. "fuse_add_norm"
     nodes: tuple[str, ...] = ()    # FX node names it replaces, in graph order
 
+    def __post_init__(self) -> None:
+        for text in (self.kernel, self.pass_name, *self.nodes):
+            if not text or "\n" in text or "\r" in text:
+                raise ValueError(f"bad kernel origin field {text!r}: one non-empty line each")
+
     def header(self) -> str:
         nodes = ", ".join(self.nodes) if self.nodes else "(none)"
         return f"# optc kernel {self.kernel}\n# pass: {self.pass_name}\n# nodes: {nodes}"
@@ -41,7 +46,11 @@ class KernelOrigin:
 # ---- index expressions ---------------------------------------------------------------------
 
 class _TritonPrinter(StrPrinter):
-    """sympy → Triton expression text: integer arithmetic only, floor division as ``//``."""
+    """sympy → Triton expression text; floor division as ``//``, modulo as ``%``.
+
+    Triton's ``//`` and ``%`` truncate toward zero like C, not like Python: index expressions
+    are non-negative, where the two agree.
+    """
 
     def _print_floor(self, expr: sympy.Expr) -> str:
         num, den = sympy.fraction(sympy.together(expr.args[0]))
@@ -51,16 +60,26 @@ class _TritonPrinter(StrPrinter):
         a, b = expr.args
         return f"({self._print(a)} % {self._print(b)})"
 
-    def _print_Rational(self, expr: sympy.Rational) -> str:
-        raise ValueError(f"non-integer index expression {expr}: use floor(a / b)")
 
-    def _print_Float(self, expr: sympy.Float) -> str:
-        raise ValueError(f"non-integer index expression {expr}")
+def _integer_arith(e: sympy.Basic) -> bool:
+    """Whether ``e`` is integer arithmetic on integer symbols (division only inside floor)."""
+    if isinstance(e, (sympy.floor, sympy.Mod)):
+        return True
+    if isinstance(e, sympy.Pow):
+        return bool(e.exp.is_Integer and e.exp >= 0) and _integer_arith(e.base)
+    if e.is_Number:
+        return bool(e.is_Integer)
+    if e.is_Symbol:
+        return bool(e.is_integer)
+    return all(_integer_arith(a) for a in e.args)
 
 
 def texpr(expr: sympy.Expr | int) -> str:
-    """Print an (already simplified) sympy index expression as Triton code."""
-    return _TritonPrinter().doprint(sympy.sympify(expr))
+    """Print an integer index expression (built from ``sym`` symbols) as Triton code."""
+    expr = sympy.sympify(expr)
+    if not _integer_arith(expr):
+        raise ValueError(f"non-integer index expression {expr}: use sympy.floor(a / b)")
+    return _TritonPrinter().doprint(expr)
 
 
 def sym(name: str) -> sympy.Symbol:

@@ -26,11 +26,13 @@ the input dtype (1 bf16 ulp off HF), and ``vector_norm``-based statistics (sqrt,
 are off by fp32 rounding, neither faster. The in-place ``.mul_(weight)`` saves one output-sized
 allocation over ``weight * y``.
 
-At (1,512,2048) allocation dominates: with glibc's default malloc a fresh multi-MiB buffer
-often comes from mmap and is paid for in page faults, and every variant (layer norm
-included) measured 4-5 ms there instead of 0.5-1 ms; the table was taken with
-``MALLOC_MMAP_THRESHOLD_`` raised so that it compares compute. Fewer temporaries matter more
-than the choice of kernel, and a runtime that reuses buffers matters most.
+At (1,512,2048) allocation dominates. With glibc's default malloc, freed multi-MiB blocks
+are often handed back to the OS, so the next call's fresh buffers are paid for in page faults:
+every variant, layer norm too, swung between ~0.5 and ~5 ms from run to run, and
+``ru_minflt`` counted up to ~2000 minor faults per call (two fresh 4 MiB buffers) in the slow
+runs. The table was taken with ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` raised
+so that it compares compute. Fewer temporaries matter more than the choice of kernel here, and
+a runtime that reuses buffers matters most.
 
 ``add_layer_norm`` runs ``torch.layer_norm`` (ATen's fused, vectorized kernel) on ``x + r``:
 17 / 24 µs fp32 / bf16 at (1,16,2048), within noise of ``F.layer_norm`` and
@@ -53,8 +55,6 @@ from optc.codegen.generator import (
 )
 from optc.codegen.templates import norm as T
 from optc.ops.registry import define
-
-_F32 = torch.float32
 
 
 # ---- CPU -----------------------------------------------------------------------------------
@@ -136,10 +136,8 @@ def kernel_source(spec: NormSpec, origin: KernelOrigin | None = None) -> str:
     def row(t: str) -> str:  # row `pid`, lane `cols` of a row-major (N, n_cols) operand
         return texpr(row_offset(pid, sym(f"stride_{t}_row"), cols))
 
-    rows = ["x", "res", "h", "y"] if spec.residual else ["x", "y"]
+    ins, outs = ["x"] + ["res"] * spec.residual, ["h"] * spec.residual + ["y"]
     params = ["w"] * spec.weight + ["b"] * spec.bias
-    pointers = ["x_ptr"] + ["res_ptr"] * spec.residual + [f"{p}_ptr" for p in params]
-    pointers += ["h_ptr"] * spec.residual + ["y_ptr"]
     if spec.residual:
         load = fill(T.LOAD_ADD, x_offset=row("x"), res_offset=row("res"), h_offset=row("h"))
     else:
@@ -151,8 +149,8 @@ def kernel_source(spec: NormSpec, origin: KernelOrigin | None = None) -> str:
                               + [fill(T.BIAS, b_offset=texpr(cols))] * spec.bias)
     return render("norm", origin=origin, params=dict(
         entry=f"{spec.name}_kernel",
-        pointers=arg_list(pointers),
-        dimensions=arg_list(["n_cols"] + [f"stride_{t}_row" for t in rows]),
+        pointers=arg_list([f"{t}_ptr" for t in ins + params + outs]),
+        dimensions=arg_list(["n_cols"] + [f"stride_{t}_row" for t in ins + outs]),
         scalars=arg_list(["eps"]),
         load=load,
         normalize=normalize,
@@ -163,7 +161,7 @@ def kernel_source(spec: NormSpec, origin: KernelOrigin | None = None) -> str:
 def _check_device(*tensors: Tensor | None) -> torch.device:
     devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
-        raise ValueError(f"optc Triton norm: tensors on several devices {sorted(map(str, devices))}")
+        raise ValueError(f"optc Triton norm: operands on {sorted(map(str, devices))}")
     device = devices.pop()
     if device.type != "cuda" and not knobs.TRITON_INTERPRET.get():
         raise ValueError(f"optc Triton norm: needs CUDA tensors, got {device} "

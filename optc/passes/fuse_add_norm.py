@@ -64,6 +64,7 @@ class NormMatch:
     eps: float
     out: fx.Node          # node whose value the fused op replaces
     kind: str             # "rms" | "layer"
+    nodes: tuple[fx.Node, ...] = ()   # every node of the matched norm (for kernel headers)
 
 
 def match_rms_norm(out: fx.Node) -> NormMatch | None:
@@ -74,7 +75,7 @@ def match_rms_norm(out: fx.Node) -> NormMatch | None:
         hv = _val(h)
         if isinstance(hv, torch.Tensor) and len(shape) == 1 and isinstance(w, fx.Node) \
                 and isinstance(eps, float):
-            return NormMatch(h, w, None, eps, out, "rms")
+            return NormMatch(h, w, None, eps, out, "rms", (out,))
         return None
     if not _is(out, aten.mul.Tensor):
         return None
@@ -103,7 +104,9 @@ def match_rms_norm(out: fx.Node) -> NormMatch | None:
                 continue
             if xv.dtype != torch.float32 or not same_shape([hv.shape[-1]], [wv.shape[0]]):
                 continue
-            return NormMatch(h, w, None, a.args[1], out, "rms")
+            chain = tuple(dict.fromkeys(n for n in (x, p, mean, a, r, m, normed, out)
+                                        if isinstance(n, fx.Node) and n is not h))
+            return NormMatch(h, w, None, a.args[1], out, "rms", chain)
     return None
 
 
@@ -117,7 +120,7 @@ def match_layer_norm(out: fx.Node) -> NormMatch | None:
     hv = _val(h)
     if not isinstance(hv, torch.Tensor) or len(shape) != 1:
         return None
-    return NormMatch(h, w, b, float(eps), out, "layer")
+    return NormMatch(h, w, b, float(eps), out, "layer", (out,))
 
 
 def _fusable_add(h: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -134,11 +137,14 @@ def _fusable_add(h: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return x, r
 
 
-def _emit(g: fx.Graph, after: fx.Node, target, args: tuple, meta_from: fx.Node) -> fx.Node:
+def _emit(g: fx.Graph, after: fx.Node, target, args: tuple, meta_from: fx.Node,
+          origin: tuple[fx.Node, ...]) -> fx.Node:
     with g.inserting_after(after):
         n = g.call_function(target, args)
     n.meta["nn_module_stack"] = meta_from.meta.get("nn_module_stack", {})
     n.meta["optc_layer"] = meta_from.meta.get("optc_layer")
+    n.meta["optc_pass"] = "fuse_add_norm"
+    n.meta["optc_origin"] = tuple(o.name for o in origin)
     propagate_node(n)
     return n
 
@@ -168,16 +174,18 @@ def run(gm: fx.GraphModule, cfg: FuseAddNormConfig) -> PassResult:
         if add is not None and take_rewrite():
             x, r = add
             if m.kind == "rms":
-                fused = _emit(g, m.h, ops.add_rms_norm.default, (x, r, m.weight, m.eps), out)
+                fused = _emit(g, m.h, ops.add_rms_norm.default, (x, r, m.weight, m.eps), out,
+                              (m.h,) + m.nodes)
             else:
-                fused = _emit(g, m.h, ops.add_layer_norm.default, (x, r, m.weight, m.bias, m.eps), out)
+                fused = _emit(g, m.h, ops.add_layer_norm.default, (x, r, m.weight, m.bias, m.eps),
+                              out, (m.h,) + m.nodes)
             y = _getitem(g, fused, 1)
             h2 = _getitem(g, fused, 0)
             out.replace_all_uses_with(y)
             m.h.replace_all_uses_with(h2)
             stats[f"add_{m.kind}_norm"] += 1
         elif m.kind == "rms" and m.weight is not None and take_rewrite():
-            y = _emit(g, out, ops.rms_norm.default, (m.h, m.weight, m.eps), out)
+            y = _emit(g, out, ops.rms_norm.default, (m.h, m.weight, m.eps), out, m.nodes)
             out.replace_all_uses_with(y)
             stats["rms_norm"] += 1
     if stats:

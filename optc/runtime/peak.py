@@ -4,8 +4,8 @@ A dispatch mode records every storage an op returns that did not exist before th
 and a weakref finalizer subtracts it when the storage dies; the maximum of the running sum
 is the peak. Parameters and inputs are excluded (they exist before and after). CPU has no
 ``torch.cuda.max_memory_allocated``; this counts the same thing for any device. Storages
-the compiled runtime allocates itself (its arena) are created by ``torch.empty`` through the
-dispatcher, so they are counted too.
+a Program writes into its arena are excluded (``measure_program_peak``): the arena is
+reported on its own.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ def measure_peak_bytes(fn: Callable[..., Any], *args: Any, external: Iterable[to
         out = fn(*args, **kwargs)
     del out
     return tracker.peak
+
+
+def measure_program_peak(program: Any, inputs: tuple) -> int:
+    """Peak bytes a Program's ops allocate beyond its arena, inputs and constants."""
+    ext: list[torch.Tensor] = [t for t in inputs if isinstance(t, torch.Tensor)]
+    ext += [v for v in program._globals.values() if isinstance(v, torch.Tensor)]
+    if program.planned and not torch.is_grad_enabled():
+        ext += program.plan_for(inputs).slots
+    return measure_peak_bytes(program, *inputs, external=ext)
 
 
 def module_tensors(m: torch.nn.Module) -> list[torch.Tensor]:

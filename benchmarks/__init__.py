@@ -1,0 +1,1 @@
+"""Measurements against peers (not tests). Run: ``python -m benchmarks.<name>``."""

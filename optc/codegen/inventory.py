@@ -1,0 +1,52 @@
+"""Which kernels a final graph needs: per ``optc::`` op, its CPU implementation and the
+Triton kernel generated for it (source header names the pass and FX nodes; cache key)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from optc.codegen.cache import cache_key
+from optc.codegen.generator import KernelOrigin
+
+
+def _norm_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
+    from optc.ops.norms import NormSpec, kernel_source
+    if name == "add_layer_norm":
+        spec = NormSpec("layer", True, node.args[2] is not None, node.args[3] is not None)
+    else:
+        spec = NormSpec("rms", name.startswith("add_"), True, False)
+    return kernel_source(spec, origin)
+
+
+# op name -> function rendering the Triton source for one node of that op
+TRITON_SOURCES: dict[str, Callable[[str, fx.Node, KernelOrigin], str]] = {
+    "rms_norm": _norm_source, "add_rms_norm": _norm_source, "add_layer_norm": _norm_source,
+}
+
+
+def kernels_for_graph(gm: fx.GraphModule) -> list[dict[str, Any]]:
+    from optc.ops import get_op_def
+    counts: Counter[str] = Counter()
+    first: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        d = get_op_def(n.target) if n.op == "call_function" else None
+        if d is not None:
+            counts[d.name] += 1
+            first.setdefault(d.name, n)
+    out = []
+    for name, count in counts.items():
+        d = get_op_def(first[name].target)
+        node = first[name]
+        origin = KernelOrigin(name, node.meta.get("optc_pass", "?"), tuple(node.meta.get("optc_origin", ())))
+        render = TRITON_SOURCES.get(name)
+        if render is not None:
+            src = render(name, node, origin)
+            triton = f"generated, {len(src.splitlines())} lines, cache key {cache_key(src)[:12]}"
+        else:
+            src, triton = None, "none (CPU only)"
+        out.append({"op": f"optc.{name}", "count": count,
+                    "cpu": f"{d.cpu.__module__}.{d.cpu.__name__}", "triton": triton, "source": src})
+    return out
