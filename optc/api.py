@@ -91,12 +91,21 @@ def _log(topic: str, msg: str) -> None:
 
 def _resolve_config(config: CompileConfig | dict | None) -> CompileConfig:
     if config is None:
-        return CompileConfig()
-    if isinstance(config, dict):
-        return CompileConfig.from_dict(config)
-    if not isinstance(config, CompileConfig):
+        cfg = CompileConfig()
+    elif isinstance(config, dict):
+        cfg = CompileConfig.from_dict(config)
+    elif isinstance(config, CompileConfig):
+        cfg = config
+    else:
         raise ConfigError(f"config must be an optc.CompileConfig or a dict, got {type(config).__name__}")
-    return config
+    # fail now, not inside Dynamo at the first call: pass names, order, per-pass configs
+    pipeline = cfg.pipeline if cfg.pipeline is not None else DEFAULT_PIPELINE
+    PassManager(PASSES, pipeline)
+    for name, d in cfg.passes.items():
+        if name not in PASSES:
+            raise ConfigError(f"config for unknown pass '{name}'; registered: {sorted(PASSES)}")
+        PASSES[name].config_cls.from_dict(d)
+    return cfg
 
 
 def optimize_graph(captured: Captured, cfg: CompileConfig, report: GraphReport,
@@ -221,10 +230,10 @@ class CompiledModel(torch.nn.Module):
             self._compiled: Callable = torch.compile(model, backend=backend)
         else:
             self._compiled = self._call_captured
-            self._captures: OrderedDict[tuple, tuple[Captured, Program]] = OrderedDict()
+            self._captures: OrderedDict[tuple, tuple[Captured, Program, GraphReport]] = OrderedDict()
 
     # ---- export / symbolic_trace frontends: one capture per input-shape set ---------------
-    def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, Program]:
+    def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, Program, GraphReport]:
         report = GraphReport(self.config.frontend)
         t0 = time.perf_counter()
         if self.config.frontend == "export":
@@ -235,7 +244,7 @@ class CompiledModel(torch.nn.Module):
         report.canon_stats = dict(cap.canon_stats)
         report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
         self.report.graphs.append(report)
-        return cap, optimize_graph(cap, self.config, report, self.record_graphs)
+        return cap, optimize_graph(cap, self.config, report, self.record_graphs), report
 
     def _call_captured(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -247,9 +256,9 @@ class CompiledModel(torch.nn.Module):
             max_plans = self.config.max_plans or knobs.MAX_PLANS.get()
             while len(self._captures) > max_plans:
                 self._captures.popitem(last=False)
-        cap, program = hit
-        report = self.report.graphs[-1] if self.report.graphs else None
-        if report is not None and report.keep_inputs:
+        cap, program, report = hit
+        report.calls["optc"] += 1
+        if report.keep_inputs:
             report.last_inputs = tuple(x for x in flat if isinstance(x, torch.Tensor)) \
                 if cap.frontend == "export" else tuple(flat)
         out = program(*[x for x in flat if isinstance(x, torch.Tensor)]) \

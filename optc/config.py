@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -19,12 +21,53 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is accepted."""
 
 
+def _check_types(obj: Any) -> None:
+    """Validate simple field types (bool/int/float/str and tuples of them) by annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, hint = getattr(obj, f.name), hints.get(f.name)
+        allowed = _simple_types(hint)
+        if allowed is None:
+            continue
+        if isinstance(v, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(v, tuple(allowed))
+        if not ok:
+            raise ConfigError(f"{type(obj).__name__}.{f.name}={v!r}: expected "
+                              f"{' | '.join(t.__name__ for t in allowed)}")
+
+
+def _simple_types(hint: Any) -> list[type] | None:
+    if hint in (bool, str):
+        return [hint]
+    if hint is int:
+        return [int]
+    if hint is float:
+        return [float, int]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
+        out: list[type] = []
+        for a in args:
+            sub = [type(None)] if a is type(None) else _simple_types(a)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if typing.get_origin(hint) is tuple:
+        return [tuple]
+    return None
+
+
 @dataclass(frozen=True)
 class PassConfig:
     """Base of every pass config. Subclasses add fields; ``VERSION`` bumps on a field change."""
 
     VERSION: ClassVar[int] = 1
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -83,12 +126,13 @@ class CompileConfig:
     max_plans: int | None = None        # None: OPTC_MAX_PLANS decides
 
     def __post_init__(self) -> None:
+        if isinstance(self.pipeline, list):
+            object.__setattr__(self, "pipeline", tuple(self.pipeline))
+        _check_types(self)
         if self.frontend not in FRONTENDS:
             raise ConfigError(f"CompileConfig.frontend={self.frontend!r}; accepted: {FRONTENDS}")
         if self.max_plans is not None and self.max_plans < 1:
             raise ConfigError("CompileConfig.max_plans must be >= 1")
-        if self.pipeline is not None:
-            object.__setattr__(self, "pipeline", tuple(self.pipeline))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

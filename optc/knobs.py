@@ -45,6 +45,20 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected 0/1/true/false")
 
 
+def _positive_int(raw: str) -> int:
+    v = int(raw)
+    if v < 1:
+        raise ValueError("expected an integer >= 1")
+    return v
+
+
+def _nonneg_int(raw: str) -> int:
+    v = int(raw)
+    if v < 0:
+        raise ValueError("expected an integer >= 0")
+    return v
+
+
 def _path(raw: str) -> Path | None:
     return Path(raw).expanduser()
 
@@ -82,10 +96,10 @@ REPRO_DIR: Knob[Path | None] = Knob(
     "where reproducers of failing passes are written (default: a new temporary directory)",
 )
 MAX_PLANS: Knob[int] = Knob(
-    "OPTC_MAX_PLANS", 8, int, "memory plans kept per compiled graph (one per input-shape set)",
+    "OPTC_MAX_PLANS", 8, _positive_int, "memory plans kept per compiled graph (one per input-shape set)",
 )
 BISECT_LIMIT: Knob[int | None] = Knob(
-    "OPTC_BISECT_LIMIT", None, int,
+    "OPTC_BISECT_LIMIT", None, _nonneg_int,
     "apply at most this many rewrites in total across passes (bisection down to one rewrite)",
 )
 TRITON_INTERPRET: Knob[bool] = Knob(

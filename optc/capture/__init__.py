@@ -10,12 +10,14 @@ Canonical graph contract (what every pass may rely on):
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.fx.experimental.symbolic_shapes  # noqa: F401 - ShapeEnv, used below
 import torch.fx.traceback as fx_traceback
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -125,6 +127,7 @@ def _functional(model: torch.nn.Module, names: list[str], n_state: int, in_spec:
 def capture_symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict | None = None
                            ) -> Captured:
     """``fx.symbolic_trace`` (simple modules only), then to canonical ATen."""
+    before = {k: b.clone() for k, b in model.named_buffers()}
     try:
         traced = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - symbolic_trace raises many kinds; all mean "cannot"
@@ -132,7 +135,44 @@ def capture_symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict | N
             f"fx.symbolic_trace failed on {type(model).__name__}: {type(e).__name__}: {e}. "
             "It works on simple modules only; use frontend='dynamo' (the default) or 'export'"
         ) from e
+    changed = [k for k, b in model.named_buffers() if not torch.equal(b, before[k])]
+    if changed:
+        # fx.symbolic_trace ran the in-place update on the real buffer and left it out of
+        # the graph: undo it and refuse, rather than replay a graph that lost it
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(before[k])
+        raise CaptureError(
+            f"{type(model).__name__}.forward updates buffer(s) {changed} in place, which "
+            "fx.symbolic_trace cannot capture: use frontend='dynamo'")
+    for n in traced.graph.nodes:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if n.op in ("call_method", "call_function") and isinstance(name, str) \
+                and name.endswith("_") and not name.startswith("_") and n.args \
+                and _is_module_state(n.args[0]):
+            # in-place updates of module state are not replayed faithfully by the functional
+            # re-trace below; refuse before tracing so the module is left untouched
+            raise CaptureError(
+                f"{type(model).__name__}.forward updates module state in place ({name}); the "
+                "symbolic_trace frontend supports pure modules only: use frontend='dynamo'")
     return _capture_functional(traced, args, kwargs or {}, "symbolic_trace")
+
+
+_VIEW_METHODS = frozenset({"view", "reshape", "transpose", "permute", "t", "expand", "unsqueeze",
+                           "squeeze", "narrow", "select", "flatten", "view_as"})
+
+
+def _is_module_state(a: Any) -> bool:
+    """Is ``a`` (in a symbolic_trace graph) a parameter/buffer, or a view of one?"""
+    while isinstance(a, fx.Node):
+        if a.op == "get_attr":
+            return True
+        is_view = (a.op == "call_method" and a.target in _VIEW_METHODS) or \
+            (a.op == "call_function" and a.target is operator.getitem)
+        if not is_view or not a.args:
+            return False
+        a = a.args[0]
+    return False
 
 
 def _capture_functional(model: torch.nn.Module, args: tuple, kwargs: dict, frontend: str

@@ -14,16 +14,13 @@ import torch
 import torch.fx as fx
 
 _DYNAMO_ITEM = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]|\[(\d+)\]")
+_ROOT = re.compile(r"^L\['[^']+'\]")
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 
 
 def normalize_module_path(path: str) -> str:
     """``L['self'].model.layers.0.mlp`` / ``L['self']._modules['h']._modules['0']`` -> ``model.layers.0.mlp``."""
-    p = path
-    if p.startswith("L['self']"):
-        p = p[len("L['self']"):]
-    elif p.startswith("L['"):
-        p = p[len("L"):]
+    p = _ROOT.sub("", path)   # Dynamo's root: L['self'] (or whatever the method calls self)
     p = _DYNAMO_ITEM.sub(lambda m: "." + (m.group(1) or m.group(2) or m.group(3)), p)
     p = p.replace("._parameters.", ".").replace("._buffers.", ".")
     return p.strip(".")

@@ -4,7 +4,7 @@ Used by golden tests and the CLI. Node names are renumbered per op (``linear0``,
 ``linear1``...) in graph order, so the text does not depend on tracer naming; parameters
 print as ``$`` + their module path.
 
-    %linear0 = aten.linear(%layer_norm0, $h.0.attn.c_attn.weight^T) : f32[1,8,96]  @L0
+    %linear0 = aten.linear(%layer_norm0, $layers.0.attention.wq.weight) : f32[1,8,64]  @L0
 """
 
 from __future__ import annotations

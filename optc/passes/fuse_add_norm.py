@@ -73,8 +73,10 @@ def match_rms_norm(out: fx.Node) -> NormMatch | None:
         w = out.args[2] if len(out.args) > 2 else None
         eps = out.args[3] if len(out.args) > 3 else None
         hv = _val(h)
-        if isinstance(hv, torch.Tensor) and len(shape) == 1 and isinstance(w, fx.Node) \
-                and isinstance(eps, float):
+        # fp32 only: aten.rms_norm multiplies by the weight before rounding to a low-precision
+        # dtype, optc's ops round first (HF's order), so bf16/fp16 would differ by an ulp
+        if isinstance(hv, torch.Tensor) and hv.dtype == torch.float32 and len(shape) == 1 \
+                and isinstance(w, fx.Node) and isinstance(eps, float):
             return NormMatch(h, w, None, eps, out, "rms", (out,))
         return None
     if not _is(out, aten.mul.Tensor):
@@ -158,11 +160,23 @@ def _getitem(g: fx.Graph, src: fx.Node, i: int) -> fx.Node:
     return n
 
 
+def _anchor(m: NormMatch, order: dict[fx.Node, int]) -> fx.Node | None:
+    """Where the fused op can go: after the last of its inputs, and before every use of ``h``
+    outside the matched norm. None if no such place exists (e.g. a use of h sits between)."""
+    deps = [d for d in (m.h, m.weight, m.bias) if isinstance(d, fx.Node)]
+    anchor = max(deps, key=order.__getitem__)
+    inner = set(m.nodes)
+    if any(order[u] <= order[anchor] for u in m.h.users if u not in inner):
+        return None
+    return anchor
+
+
 def run(gm: fx.GraphModule, cfg: FuseAddNormConfig) -> PassResult:
     import optc.ops  # noqa: F401 - registers torch.ops.optc.*
     ops = torch.ops.optc
     stats: Counter[str] = Counter()
     g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
     for out in list(g.nodes):
         if out.op != "call_function" or not out.users:
             continue
@@ -171,26 +185,31 @@ def run(gm: fx.GraphModule, cfg: FuseAddNormConfig) -> PassResult:
         if m is None:
             continue
         add = _fusable_add(m.h)
-        if add is not None and take_rewrite():
+        anchor = _anchor(m, order) if add is not None else None
+        if add is not None and anchor is None:
+            stats["skipped_order"] += 1
+        if add is not None and anchor is not None and take_rewrite():
             x, r = add
             if m.kind == "rms":
-                fused = _emit(g, m.h, ops.add_rms_norm.default, (x, r, m.weight, m.eps), out,
+                fused = _emit(g, anchor, ops.add_rms_norm.default, (x, r, m.weight, m.eps), out,
                               (m.h,) + m.nodes)
             else:
-                fused = _emit(g, m.h, ops.add_layer_norm.default, (x, r, m.weight, m.bias, m.eps),
+                fused = _emit(g, anchor, ops.add_layer_norm.default, (x, r, m.weight, m.bias, m.eps),
                               out, (m.h,) + m.nodes)
             y = _getitem(g, fused, 1)
             h2 = _getitem(g, fused, 0)
             out.replace_all_uses_with(y)
-            m.h.replace_all_uses_with(h2)
+            inner = set(m.nodes)    # the matched norm keeps reading h until it is removed as dead
+            m.h.replace_all_uses_with(h2, delete_user_cb=lambda u: u not in inner and u is not fused)
             stats[f"add_{m.kind}_norm"] += 1
         elif m.kind == "rms" and m.weight is not None and take_rewrite():
             y = _emit(g, out, ops.rms_norm.default, (m.h, m.weight, m.eps), out, m.nodes)
             out.replace_all_uses_with(y)
             stats["rms_norm"] += 1
-    if stats:
+    modified = any(k != "skipped_order" for k in stats)
+    if modified:
         g.eliminate_dead_code()
-    return PassResult(gm, bool(stats), stats)
+    return PassResult(gm, modified, stats)
 
 
 PASS = PassInfo(

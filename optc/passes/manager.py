@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import sys
 import tempfile
 import time
@@ -101,7 +102,8 @@ def _dump(idx: int, name: str, gm: fx.GraphModule) -> None:
     header = ("# optc dump: graph after '%s' (executable: defines the GraphModule class)\n"
               "import torch\nfrom torch import device\nimport operator\n"
               "import optc.ops  # noqa: F401  (registers optc:: ops)\n\n" % name)
-    (d / f"{idx:03d}_{name}.py").write_text(header + src.replace("class <lambda>", "class Dumped"))
+    src = re.sub(r"^class [^(]+\(", "class Dumped(", src, count=1, flags=re.M)
+    (d / f"{idx:03d}_{name}.py").write_text(header + src)
     (d / f"{idx:03d}_{name}.txt").write_text(format_graph(gm) + "\n")
 
 

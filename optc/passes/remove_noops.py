@@ -6,18 +6,20 @@
   to(x, dtype=x.dtype, device=x.device)             -> x        (HF RMSNorm's fp32 upcast on fp32)
   view(x, x.shape) | expand(x, x.shape)             -> x
   contiguous(x) / clone(x, contiguous) on contiguous x, no mutation after -> x
-  mul(x, 1) | div(x, 1) | add(x, 0) | sub(x, 0)     -> x        (Llama rotary's ``cos * 1.0``)
+  mul(x, 1) | div(x, 1) | sub(x, 0) | add(x, 0) on integers -> x  (Llama rotary's ``cos * 1.0``;
+                                                       float x + 0.0 turns -0.0 into +0.0: kept)
 **Source**: standard algebraic simplification (LLVM InstCombine, Inductor's remove_noop_ops);
   motivated by HF Llama (``attention_scaling`` = 1.0, fp32 round-trips) and GPT-2 (eval dropout).
 **Requires**: canonical graph (pre-dispatch ATen, ``meta["val"]`` everywhere).
 **Ensures**: outputs bit-identical to before. Ops producing fresh tensors are only removed
-  when nothing mutates the result in place and it is not a graph output (so no new aliasing
-  becomes visible to the caller).
+  when nothing mutates the result in place and neither it nor any view of it is a graph
+  output (so no new aliasing becomes visible to the caller).
 **Order**: first; later pattern passes then see one spelling of each computation.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -42,13 +44,30 @@ def _val(n: object) -> object:
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
+def _is_view(u: fx.Node) -> bool:
+    t = u.target
+    if t is operator.getitem:
+        return True
+    return isinstance(t, torch._ops.OpOverload) and any(
+        r.alias_info is not None and not r.alias_info.is_write for r in t._schema.returns)
+
+
 def _safe_to_alias(n: fx.Node) -> bool:
-    """A fresh-result op may become its input only if nobody mutates it or sees it escape."""
-    for u in n.users:
-        if u.op == "output":
-            return False
-        if isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable:
-            return False
+    """A fresh-result op may become its input only if nothing mutates the result or lets it
+    escape as an output, directly or through any chain of views of it."""
+    todo, seen = [n], {n}
+    while todo:
+        for u in todo.pop().users:
+            if u.op == "output":
+                return False
+            t = u.target
+            if not isinstance(t, torch._ops.OpOverload) and t is not operator.getitem:
+                return False            # unknown callable: may mutate or stash its input
+            if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
+                return False
+            if _is_view(u) and u not in seen:
+                seen.add(u)
+                todo.append(u)
     return True
 
 
@@ -69,9 +88,18 @@ def _identity_view(n: fx.Node) -> fx.Node | None:
     return x if _same_meta(n, x) else None
 
 
+def _arg(n: fx.Node, name: str, default: object = None) -> object:
+    """An argument by schema name, positional or keyword."""
+    if name in n.kwargs:
+        return n.kwargs[name]
+    names = [a.name for a in n.target._schema.arguments]
+    i = names.index(name) if name in names else -1
+    return n.args[i] if 0 <= i < len(n.args) else default
+
+
 def _to_same(n: fx.Node) -> fx.Node | None:
     x = n.args[0]
-    if n.kwargs.get("copy", False) or (len(n.args) > 3 and n.args[3]):
+    if _arg(n, "copy", False):
         return None
     if n.kwargs.get("memory_format") not in (None, torch.preserve_format):
         return None
@@ -95,6 +123,9 @@ def _arith_identity(n: fx.Node) -> fx.Node | None:
     if not isinstance(c, (int, float)) or isinstance(c, bool) or n.kwargs.get("alpha", 1) != 1:
         return None
     unit = 1 if n.target in (aten.mul.Tensor, aten.div.Tensor) else 0
+    xv = _val(x)
+    if n.target is aten.add.Tensor and isinstance(xv, torch.Tensor) and xv.is_floating_point():
+        return None     # -0.0 + 0.0 == +0.0: adding zero is not an identity on floats
     if c == unit and _same_meta(n, x) and _safe_to_alias(n):
         return x
     return None

@@ -23,7 +23,7 @@ class Buffer:
     size: int    # bytes
 
 
-def _align(n: int) -> int:
+def aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
@@ -31,8 +31,8 @@ def lower_bound(buffers: list[Buffer]) -> int:
     """Max over time of the bytes live at once (aligned sizes): no placement can beat it."""
     events: dict[int, int] = {}
     for b in buffers:
-        events[b.start] = events.get(b.start, 0) + _align(b.size)
-        events[b.end + 1] = events.get(b.end + 1, 0) - _align(b.size)
+        events[b.start] = events.get(b.start, 0) + aligned(b.size)
+        events[b.end + 1] = events.get(b.end + 1, 0) - aligned(b.size)
     peak = cur = 0
     for t in sorted(events):
         cur += events[t]
@@ -48,7 +48,7 @@ def greedy_by_size(buffers: list[Buffer]) -> tuple[list[int], int]:
     arena = 0
     for i in order:
         b = buffers[i]
-        need = _align(b.size)
+        need = aligned(b.size)
         conflicts = sorted((off, sz) for off, sz, o in placed
                            if not (o.end < b.start or b.end < o.start))
         off = 0

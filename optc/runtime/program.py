@@ -27,7 +27,7 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_
 
 from optc.graph.printer import target_str
 from optc.graph.shape import size_expr
-from optc.runtime.memory_plan import Buffer, greedy_by_size, lower_bound
+from optc.runtime.memory_plan import Buffer, aligned, greedy_by_size, lower_bound
 
 ALWAYS_LOWERED = frozenset({operator.getitem, torch._C._set_grad_enabled})
 
@@ -68,7 +68,7 @@ class Plan:
     key: tuple
     arena_bytes: int
     lower_bound_bytes: int
-    planned_bytes: int             # sum of planned buffer sizes (what no reuse would cost)
+    planned_bytes: int             # sum of (aligned) planned sizes: what no reuse would cost
     slots: list[torch.Tensor]
 
 
@@ -163,6 +163,7 @@ class Program:
         self.planned: list[fx.Node] = []
         self.buffers_static: list[tuple[int, int]] = []   # (start, end) per planned value
         out_forms: dict[fx.Node, torch._ops.OpOverload] = {}
+        arena_device: torch.device | None = None   # one arena: values on other devices allocate
         for n in body:
             v = n.meta.get("val")
             if not isinstance(v, torch.Tensor) or n in escaping or not plan_memory:
@@ -174,9 +175,11 @@ class Program:
                     self.stats.unplanned_values += 1
                 continue
             form = _out_overload(n.target)
-            if form is None or not is_non_overlapping_and_dense(v) or v.storage_offset() != 0:
+            if form is None or not is_non_overlapping_and_dense(v) or v.storage_offset() != 0 \
+                    or (arena_device is not None and v.device != arena_device):
                 self.stats.unplanned_values += 1
                 continue
+            arena_device = v.device
             out_forms[n] = form
             self.planned.append(n)
             self.buffers_static.append((index[n], max(last_use.get(n, index[n]), index[n])))
@@ -327,7 +330,7 @@ class Program:
         for (shape, stride, dtype, _, extent), off, b in zip(metas, offsets, bufs):
             raw = arena[off:off + b.size].view(dtype)
             slots.append(torch.as_strided(raw, shape, stride))
-        return Plan(key, arena_bytes, lower_bound(bufs), sum(b.size for b in bufs), slots)
+        return Plan(key, arena_bytes, lower_bound(bufs), sum(aligned(b.size) for b in bufs), slots)
 
     def plan_for(self, inputs: tuple) -> Plan:
         key = self._key(inputs)
