@@ -157,16 +157,24 @@ class _DynamoGraph:
         self.report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
         self.report.canon_stats = dict(cap.canon_stats)
         program = optimize_graph(cap, self.cfg, self.report, self.record_graphs)
-        key = tuple(id(t) for _, t in cap.frozen)
+        key = self._key(inputs, cap)
         self.variants[key] = (cap, program)
         self._select(cap, program)
         while len(self.variants) > 4:
             self.variants.popitem(last=False)
         return cap, program
 
+    @staticmethod
+    def _key(args: Sequence[Any], cap: Captured) -> tuple:
+        return (tuple(id(args[i]) for i, _ in cap.frozen),
+                tuple(args[i].item() for i, _ in cap.baked))
+
     def _select(self, cap: Captured, program: Program) -> None:
         self._fidx = [i for i, _ in cap.frozen]
         self._fobj = [t for _, t in cap.frozen]
+        self._bidx = [i for i, _ in cap.baked]
+        self._bval = [v for _, v in cap.baked]
+        self._cap = cap
         self._ridx = cap.runtime_inputs
         self._program = program
 
@@ -174,8 +182,9 @@ class _DynamoGraph:
         if not self.variants:
             self.report.calls["eager:capture"] += 1
             return self.eager(*args)
-        if not all(map(operator.is_, map(args.__getitem__, self._fidx), self._fobj)):
-            key = tuple(id(args[i]) for i in self._fidx)
+        if not all(map(operator.is_, map(args.__getitem__, self._fidx), self._fobj)) or \
+                (self._bidx and [args[i].item() for i in self._bidx] != self._bval):
+            key = self._key(args, self._cap)
             hit = self.variants.get(key) or self._add_variant(args)
             if hit is None:
                 self.report.calls["eager:capture"] += 1
@@ -259,10 +268,8 @@ class CompiledModel(torch.nn.Module):
         cap, program, report = hit
         report.calls["optc"] += 1
         if report.keep_inputs:
-            report.last_inputs = tuple(x for x in flat if isinstance(x, torch.Tensor)) \
-                if cap.frontend == "export" else tuple(flat)
-        out = program(*[x for x in flat if isinstance(x, torch.Tensor)]) \
-            if cap.frontend == "export" else program(*flat)
+            report.last_inputs = tuple(flat)
+        out = program(*flat)
         return pytree.tree_unflatten(list(out), cap.out_spec)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -39,6 +39,9 @@ class Captured:
     runtime_inputs: list[int]
     # (position, tensor) of every frozen parameter/buffer: checked by identity at call time.
     frozen: list[tuple[int, torch.Tensor]]
+    # (position, value) of Python scalars Dynamo passed as 0-d tensors ("unspecialized"
+    # floats such as an attention scale): baked into the graph, checked at call time
+    baked: list[tuple[int, float | int]] = field(default_factory=list)
     canon_stats: Counter[str] = field(default_factory=Counter)
     in_spec: Any = None    # export / symbolic_trace: pytree spec of (args, kwargs)
     out_spec: Any = None
@@ -90,8 +93,39 @@ def _finish(gm: fx.GraphModule, fake_mode) -> Counter[str]:
     return stats
 
 
+def _bake_scalars(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list]:
+    """Replace ``x.item()`` of Dynamo's tensor-wrapped Python scalars by their value.
+
+    Dynamo lifts a float attribute that differs between module instances (an attention
+    scale) to a 0-d tensor input read with ``.item()``; a fake-tensor re-trace cannot read
+    it. The value is baked in and the caller re-captures when it changes."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    todo = [(i, ph) for i, ph in enumerate(phs)
+            if getattr(ph.meta.get("grapharg"), "pass_arg_as_tensor", False)
+            and all(u.op == "call_method" and u.target == "item" for u in ph.users)]
+    if not todo:
+        return gm, []
+    g = fx.Graph()
+    env = g.graph_copy(gm.graph, {})
+    g.output(env)
+    new = fx.GraphModule(gm, g)
+    new_phs = [n for n in new.graph.nodes if n.op == "placeholder"]
+    baked = []
+    for i, _ in todo:
+        value = example_inputs[i].item()
+        for item in list(new_phs[i].users):
+            for u in list(item.users):
+                u.args = torch.utils._pytree.tree_map(lambda a: value if a is item else a, u.args)
+                u.kwargs = torch.utils._pytree.tree_map(lambda a: value if a is item else a, u.kwargs)
+            new.graph.erase_node(item)
+        baked.append((i, value))
+    new.recompile()
+    return new, baked
+
+
 def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
     """Canonicalize a graph handed to a Dynamo backend (parameters arrive as inputs)."""
+    gm, baked = _bake_scalars(gm, example_inputs)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [n.meta.get("example_value") for n in phs]
     if any(v is None for v in fake_inputs):
@@ -105,11 +139,15 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Capture
         src_name = src.source.name if src is not None and hasattr(src, "source") else ph.name
         if isinstance(real, torch.nn.Parameter) or "_buffers[" in src_name or "._buffers" in src_name:
             frozen[i] = (normalize_module_path(src_name), real)
+        elif not ph.users and any(i == b for b, _ in baked):
+            frozen[i] = (normalize_module_path(src_name), real)   # dropped: value baked in
         else:
             runtime.append(i)
+    baked_idx = {b for b, _ in baked}
     _freeze(out, frozen)
     stats = _finish(out, fake_mode)
-    return Captured(out, "dynamo", runtime, [(i, t) for i, (_, t) in frozen.items()], stats)
+    return Captured(out, "dynamo", runtime,
+                    [(i, t) for i, (_, t) in frozen.items() if i not in baked_idx], baked, stats)
 
 
 def _functional(model: torch.nn.Module, names: list[str], n_state: int, in_spec: Any,
