@@ -297,6 +297,8 @@ class CompiledModel(torch.nn.Module):
         code, so the model-level call cannot be measured that way). With several graphs the
         transient peaks are summed: an upper bound."""
         from optc.runtime.peak import measure_program_peak
+        if not self.report.graphs:
+            self(*args, **kwargs)     # compile first, so the graphs exist to be told to record
         for g in self.report.graphs:
             g.keep_inputs = True
         try:
