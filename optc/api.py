@@ -139,14 +139,15 @@ class _DynamoGraph:
         self.record_graphs = record_graphs
         # keyed by the identities of the frozen parameters: another module instance sharing
         # this code object passes other parameters and gets its own variant
-        self.variants: OrderedDict[tuple[int, ...], tuple[Captured, Program]] = OrderedDict()
+        self.variants: OrderedDict[tuple, tuple[Captured, Program]] = OrderedDict()
+        self._layout = None     # the input layout learned at the first capture
         self._add_variant(example_inputs)
 
     def _add_variant(self, inputs: Sequence[Any]) -> tuple[Captured, Program] | None:
         strict = self.cfg.strict if self.cfg.strict is not None else knobs.STRICT.get()
         t0 = time.perf_counter()
         try:
-            cap = capture_dynamo(self.gm, inputs)
+            cap = capture_dynamo(self.gm, inputs, self._layout)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
             if strict:
                 raise
@@ -157,6 +158,7 @@ class _DynamoGraph:
         self.report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
         self.report.canon_stats = dict(cap.canon_stats)
         program = optimize_graph(cap, self.cfg, self.report, self.record_graphs)
+        self._layout = cap.layout
         key = self._key(inputs, cap)
         self.variants[key] = (cap, program)
         self._select(cap, program)

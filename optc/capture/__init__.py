@@ -31,6 +31,15 @@ class CaptureError(RuntimeError):
     """The model could not be captured into a graph; the message says why and what to try."""
 
 
+@dataclass(frozen=True)
+class DynamoLayout:
+    """How a Dynamo graph's inputs split, learned at its first capture. Dynamo drops the
+    placeholders' ``grapharg`` meta after compiling, so re-captures (another module instance
+    reaching the same graph) must reuse this instead of reading it again."""
+    state: dict[int, str]          # position -> dotted name of a parameter / buffer
+    scalars: frozenset[int]        # positions of tensor-wrapped Python scalars (.item())
+
+
 @dataclass
 class Captured:
     gm: fx.GraphModule
@@ -43,6 +52,7 @@ class Captured:
     # floats such as an attention scale): baked into the graph, checked at call time
     baked: list[tuple[int, float | int]] = field(default_factory=list)
     canon_stats: Counter[str] = field(default_factory=Counter)
+    layout: DynamoLayout | None = None
     in_spec: Any = None    # export / symbolic_trace: pytree spec of (args, kwargs)
     out_spec: Any = None
 
@@ -93,16 +103,30 @@ def _finish(gm: fx.GraphModule, fake_mode) -> Counter[str]:
     return stats
 
 
-def _bake_scalars(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list]:
+def _dynamo_layout(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> DynamoLayout:
+    state: dict[int, str] = {}
+    scalars: set[int] = set()
+    for i, (ph, real) in enumerate(zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                                       example_inputs)):
+        ga = ph.meta.get("grapharg")
+        src_name = ga.source.name if ga is not None and hasattr(ga, "source") else ph.name
+        if isinstance(real, torch.nn.Parameter) or "_buffers[" in src_name or "._buffers" in src_name:
+            state[i] = normalize_module_path(src_name)
+        elif getattr(ga, "pass_arg_as_tensor", False) and ph.users and \
+                all(u.op == "call_method" and u.target == "item" for u in ph.users):
+            scalars.add(i)
+    return DynamoLayout(state, frozenset(scalars))
+
+
+def _bake_scalars(gm: fx.GraphModule, example_inputs: Sequence[Any], layout: DynamoLayout
+                  ) -> tuple[fx.GraphModule, list]:
     """Replace ``x.item()`` of Dynamo's tensor-wrapped Python scalars by their value.
 
     Dynamo lifts a float attribute that differs between module instances (an attention
     scale) to a 0-d tensor input read with ``.item()``; a fake-tensor re-trace cannot read
     it. The value is baked in and the caller re-captures when it changes."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    todo = [(i, ph) for i, ph in enumerate(phs)
-            if getattr(ph.meta.get("grapharg"), "pass_arg_as_tensor", False)
-            and all(u.op == "call_method" and u.target == "item" for u in ph.users)]
+    todo = [(i, ph) for i, ph in enumerate(phs) if i in layout.scalars]
     if not todo:
         return gm, []
     g = fx.Graph()
@@ -123,9 +147,13 @@ def _bake_scalars(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx
     return new, baked
 
 
-def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Captured:
-    """Canonicalize a graph handed to a Dynamo backend (parameters arrive as inputs)."""
-    gm, baked = _bake_scalars(gm, example_inputs)
+def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                   layout: DynamoLayout | None = None) -> Captured:
+    """Canonicalize a graph handed to a Dynamo backend (parameters arrive as inputs).
+
+    ``layout``: from the graph's first capture, when capturing it again for other inputs."""
+    layout = layout or _dynamo_layout(gm, example_inputs)
+    gm, baked = _bake_scalars(gm, example_inputs, layout)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [n.meta.get("example_value") for n in phs]
     if any(v is None for v in fake_inputs):
@@ -134,20 +162,19 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Capture
     out = _retrace(fx.Interpreter(gm).run, fake_inputs, fake_mode)
     frozen: dict[int, tuple[str, torch.Tensor]] = {}
     runtime: list[int] = []
-    for i, (ph, real) in enumerate(zip(phs, example_inputs)):
-        src = ph.meta.get("grapharg")
-        src_name = src.source.name if src is not None and hasattr(src, "source") else ph.name
-        if isinstance(real, torch.nn.Parameter) or "_buffers[" in src_name or "._buffers" in src_name:
-            frozen[i] = (normalize_module_path(src_name), real)
-        elif not ph.users and any(i == b for b, _ in baked):
-            frozen[i] = (normalize_module_path(src_name), real)   # dropped: value baked in
+    for i, real in enumerate(example_inputs):
+        if i in layout.state:
+            frozen[i] = (layout.state[i], real)
+        elif i in layout.scalars:
+            frozen[i] = (f"scalar{i}", real)    # dropped: its value is baked in
         else:
             runtime.append(i)
     baked_idx = {b for b, _ in baked}
     _freeze(out, frozen)
     stats = _finish(out, fake_mode)
     return Captured(out, "dynamo", runtime,
-                    [(i, t) for i, (_, t) in frozen.items() if i not in baked_idx], baked, stats)
+                    [(i, t) for i, (_, t) in frozen.items() if i not in baked_idx], baked, stats,
+                    layout=layout)
 
 
 def _functional(model: torch.nn.Module, names: list[str], n_state: int, in_spec: Any,
