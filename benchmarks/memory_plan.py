@@ -47,11 +47,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--big", action="store_true", help="also the TinyLlama-1.1B shape (~5 GB RAM)")
+    ap.add_argument("--models", default=None, help="comma-separated zoo names (overrides the set)")
     ns = ap.parse_args()
     torch.set_num_threads(2)
     names = [n for n in models.ZOO_NAMES if n.endswith("-tiny")] + ["llama-small"]
     if ns.big:
         names.append("tinyllama-1.1b")
+    if ns.models:
+        names = ns.models.split(",")
     print(f"| model | seq | arena | lower bound | arena/LB | no reuse | ops allocate | optc total | "
           f"eager peak | planned/unplanned values | compile s (capture/passes/lower) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -40,7 +40,7 @@ def test_graph_break_gives_two_optc_graphs_and_is_reported(assert_matches_eager)
 def test_capture_failure_runs_eagerly_and_is_reported(monkeypatch, assert_matches_eager):
     import optc.api as api
 
-    def boom(gm, example_inputs):
+    def boom(gm, example_inputs, layout=None):
         raise RuntimeError("synthetic capture failure")
 
     monkeypatch.setattr(api, "capture_dynamo", boom)

@@ -173,8 +173,8 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs: Sequence[Any],
     _freeze(out, frozen)
     stats = _finish(out, fake_mode)
     return Captured(out, "dynamo", runtime,
-                    [(i, t) for i, (_, t) in frozen.items() if i not in baked_idx], baked, stats,
-                    layout=layout)
+                    [(i, t) for i, (_, t) in frozen.items() if i not in baked_idx], baked=baked,
+                    canon_stats=stats, layout=layout)
 
 
 def _functional(model: torch.nn.Module, names: list[str], n_state: int, in_spec: Any,
@@ -258,7 +258,7 @@ def _capture_functional(model: torch.nn.Module, args: tuple, kwargs: dict, front
     stats = _finish(out, fake_mode)
     n_state = len(names)
     runtime = list(range(n_state, n_state + len(flat_in)))
-    return Captured(out, frontend, runtime, [], stats, in_spec=in_spec,
+    return Captured(out, frontend, runtime, [], canon_stats=stats, in_spec=in_spec,
                     out_spec=out_box[-1] if out_box else None)
 
 
@@ -295,5 +295,5 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     _freeze(gm, frozen)
     stats = _finish(gm, fake_mode)
     # runtime input positions refer to the user's flat (args, kwargs) list
-    return Captured(gm, "export", list(range(len(runtime))), [], stats,
+    return Captured(gm, "export", list(range(len(runtime))), [], canon_stats=stats,
                     in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec)
