@@ -63,15 +63,17 @@ class CompileReport:
     first_call_s: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        plans = [p for g in self.graphs if g.program for p in g.program.plans.values()]
+        # each graph's most recently used plan (the LRU keeps it last)
+        plans = [next(reversed(g.program.plans.values()))
+                 for g in self.graphs if g.program and g.program.plans]
         return {
             "graphs": len(self.graphs),
             "graph_breaks": sum(self.graph_breaks.values()),
             "eager_graphs": sum(1 for g in self.graphs if g.eager_reason),
             "fallback_ops": sum(sum(g.fallbacks.values()) for g in self.graphs),
             "calls": dict(sum((g.calls for g in self.graphs), Counter())),
-            "arena_bytes": sum(p.arena_bytes for p in plans[-len(self.graphs):]) if plans else 0,
-            "lower_bound_bytes": sum(p.lower_bound_bytes for p in plans[-len(self.graphs):]) if plans else 0,
+            "arena_bytes": sum(p.arena_bytes for p in plans),
+            "lower_bound_bytes": sum(p.lower_bound_bytes for p in plans),
             "pass_stats": [g.pipeline.stats() for g in self.graphs if g.pipeline],
         }
 

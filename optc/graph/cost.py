@@ -79,7 +79,8 @@ def node_cost(n: fx.Node) -> Cost:
             flops = 4 * _numel(q) * sympy.sympify(size_expr(k.shape[-2]))
         elif out.is_floating_point():
             flops = _numel(out)
-    elif t.__class__.__name__ == "OpOverload" and str(t.namespace) == "optc":
+    elif isinstance(t, torch._ops.OpOverload) and t.namespace == "optc":
+        # fused norms: ~4 FLOPs per output element (add, square-accumulate, scale, weight)
         flops = sympy.Add(*[_numel(v) for v in (out or ()) if isinstance(v, torch.Tensor)]) * 4
     return Cost(sympy.simplify(flops), sympy.simplify(nbytes))
 
