@@ -41,6 +41,7 @@ from models.metrics import perplexity, unigram_perplexity
 TINY_DIR = Path(__file__).resolve().parent / "tiny_lm"
 BASE_NAME = "llama-tiny"
 VOCAB_SIZE = 4096
+STATE_FILE = "train_state.pt"  # resumable training state, removed when the run completes
 
 # 4.95 M parameters (2.1 M of them in the untied embedding and lm_head): 19.8 MB in fp32, under the
 # 20 MB the checkpoint may take (6 layers would be 6.5 M parameters, 26 MB).
@@ -69,6 +70,7 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 250  # quick held-out estimate on eval_tokens tokens
     eval_tokens: int = 16384
+    ckpt_every: int = 250  # resumable training state, for runs that get interrupted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,12 +146,20 @@ def param_count(model: torch.nn.Module) -> int:
 
 
 def train(
-    cfg: TrainConfig, out: Path, *, max_minutes: float | None = None, stop_after: int | None = None
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    max_minutes: float | None = None,
+    stop_after: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train tokenizer and model with `cfg`, evaluate, and write them and config.json to `out`.
 
     `max_minutes` (a wall-clock cap) and `stop_after` (a step count) end the run before `cfg.steps`
     without changing the schedule, which is always planned for `cfg.steps`; config.json records it.
+    Every `cfg.ckpt_every` steps the full training state (weights, optimizer, sampler RNG) goes to
+    `out/train_state.pt`; with `resume`, a run continues from it exactly as if never interrupted.
+    The file is deleted once the run completes.
     """
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -185,12 +195,44 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_slice = heldout_ids[: cfg.eval_tokens]
 
-    t_train = time.perf_counter()
-    stopped_early = False
-    step = 0
+    state_path = out / STATE_FILE
+    first_step, train_seconds_before, resumes = 0, 0.0, 0
     loss_log: list[tuple[int, float]] = []
     ema = None
-    for step in range(cfg.steps):
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["cfg"] != dataclasses.asdict(cfg) or state["model_overrides"] != MODEL_OVERRIDES:
+            raise ValueError(f"{state_path} was written by a run with other settings; delete it to restart")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        first_step, train_seconds_before = state["step"], state["train_seconds"]
+        loss_log, ema, resumes = [tuple(x) for x in state["loss_log"]], state["ema"], state["resumes"] + 1
+        print(f"resumed from {state_path} at step {first_step}", flush=True)
+
+    def save_state(next_step: int) -> None:
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "cfg": dataclasses.asdict(cfg),
+                "model_overrides": MODEL_OVERRIDES,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "step": next_step,
+                "train_seconds": train_seconds_before + time.perf_counter() - t_train,
+                "loss_log": loss_log,
+                "ema": ema,
+                "resumes": resumes,
+            },
+            tmp,
+        )
+        os.replace(tmp, state_path)  # atomic: a kill mid-save leaves the previous state intact
+
+    t_train = time.perf_counter()
+    stopped_early = False
+    step = first_step
+    for step in range(first_step, cfg.steps):
         if stop_after is not None and step >= stop_after:
             stopped_early = True
             break
@@ -212,11 +254,11 @@ def train(
         ema = value if ema is None else 0.9 * ema + 0.1 * value
         if (step + 1) % cfg.log_every == 0 or step == 0:
             elapsed = time.perf_counter() - t_train
-            tps = (step + 1) * cfg.batch * cfg.seq / elapsed
+            tps = (step + 1 - first_step) * cfg.batch * cfg.seq / elapsed
             loss_log.append((step + 1, round(value, 4)))
             print(
                 f"step {step + 1:5d}/{cfg.steps}  loss {value:.4f}  ema {ema:.4f}  "
-                f"lr {_lr_at(step, cfg):.2e}  {tps:.0f} tok/s  {elapsed / 60:.1f} min",
+                f"lr {_lr_at(step, cfg):.2e}  {tps:.0f} tok/s  {(train_seconds_before + elapsed) / 60:.1f} min",
                 flush=True,
             )
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -224,10 +266,12 @@ def train(
             ppl = perplexity(model, eval_slice, seq=cfg.seq)
             model.train()
             print(f"  held-out ppl (first {eval_slice.numel()} tokens): {ppl:.3f}", flush=True)
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            save_state(step + 1)
     else:
         step = cfg.steps
     steps_done = step
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = train_seconds_before + time.perf_counter() - t_train
 
     model.eval()
     t_eval = time.perf_counter()
@@ -258,7 +302,7 @@ def train(
             "vocab_size": tok.get_vocab_size(),
         },
         "train": {**dataclasses.asdict(cfg), "steps_done": steps_done, "stopped_early": stopped_early,
-                  "max_minutes": max_minutes},
+                  "max_minutes": max_minutes, "resumes": resumes},
         "data": {
             "sources": SOURCES_PATH.name,
             "split": f"by file: every {HELDOUT_EVERY}th file held out",
@@ -288,6 +332,8 @@ def train(
         "loss_log": loss_log,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if not stopped_early:
+        state_path.unlink(missing_ok=True)
     print(f"wrote {out} in {config['timing']['total_seconds'] / 60:.1f} min", flush=True)
     return config
 
@@ -300,7 +346,7 @@ def save_checkpoint(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "base": BASE_NAME})
+    save_file(state, str(path), metadata={"format": "pt"})  # one key: the header is byte-stable
 
 
 def load_tiny_lm(
@@ -332,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=TINY_DIR, help="output directory (default: models/tiny_lm)")
     p.add_argument("--minutes", type=float, default=None, help="safety cap on wall time (default: none)")
+    p.add_argument("--resume", action="store_true", help=f"continue from OUT/{STATE_FILE} if present")
     p.add_argument("--steps", type=int, default=None, help=f"override the step count ({TrainConfig.steps})")
     ns = p.parse_args(argv)
     cfg = TrainConfig()
@@ -339,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dataclasses.replace(cfg, steps=ns.steps, warmup_steps=min(cfg.warmup_steps, max(1, ns.steps // 10)),
                                   eval_every=0 if ns.steps < cfg.eval_every else cfg.eval_every)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    train(cfg, ns.out, max_minutes=ns.minutes)
+    train(cfg, ns.out, max_minutes=ns.minutes, resume=ns.resume)
 
 
 if __name__ == "__main__":

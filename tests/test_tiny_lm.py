@@ -140,7 +140,6 @@ def test_unigram_perplexity():
 
 @needs_checkpoint
 def test_checkpoint_loads_and_beats_unigram_baseline():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     config = json.loads((TINY_DIR / "config.json").read_text())
     model, tok = load_tiny_lm()
     assert not model.training
