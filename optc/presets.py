@@ -1,0 +1,64 @@
+"""Named optc configurations: what the benchmark harness, ``optc bench`` and the demo run.
+
+A preset is a complete, replayable recipe: the ``CompileConfig`` (pipeline and per-pass
+configs), the dtype the model is cast to before compiling, and whether it needs calibration
+data. The harness iterates ``PRESETS``, so a pass that adds a preset here shows up in every
+benchmark table without the harness being rewritten.
+
+    preset = PRESETS["optc"]
+    compiled = preset.compile(model, calibration=batches)   # casts, compiles, returns CompiledModel
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from optc.config import CompileConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: CompileConfig = field(default_factory=CompileConfig)
+    dtype: torch.dtype | None = None     # cast the model (a copy) to this before compiling
+    lossless: bool = True                # outputs equal eager up to fp rounding, same dtype
+    needs_calibration: bool = False      # compile(..., calibration=...) is required
+    causal_lm_only: bool = False         # meaningful only for decoder LMs (e.g. KV-cache layouts)
+
+    def compile(self, model: torch.nn.Module, *, calibration: Any = None,
+                example_inputs: Any = None) -> torch.nn.Module:
+        """Cast (if the preset says so) and compile ``model``; the model itself is not modified
+        unless no cast is needed (then it is compiled in place, as ``optc.compile`` does)."""
+        import copy
+
+        import optc
+        if self.needs_calibration and calibration is None:
+            raise ValueError(f"preset {self.name!r} needs calibration data: "
+                             "pass calibration=[batch of token ids, ...]")
+        if self.dtype is not None:
+            model = copy.deepcopy(model).to(self.dtype)
+        kwargs: dict[str, Any] = {"config": self.config, "example_inputs": example_inputs}
+        if calibration is not None:
+            kwargs["calibration"] = calibration
+        return optc.compile(model, **kwargs)
+
+
+def _register(*presets: Preset) -> dict[str, Preset]:
+    out: dict[str, Preset] = {}
+    for p in presets:
+        if p.name in out:
+            raise ValueError(f"duplicate preset {p.name!r}")
+        out[p.name] = p
+    return out
+
+
+# One table. Passes add their presets here (keep the default first: it is the lossless baseline).
+PRESETS: dict[str, Preset] = _register(
+    Preset("optc", "default pipeline: lossless passes only, fp32"),
+    Preset("optc-bf16", "default pipeline on the model cast to bf16", dtype=torch.bfloat16,
+           lossless=False),
+)
