@@ -3,6 +3,12 @@
 RMSNorm and RoPE are written the way Hugging Face's `modeling_llama.py` writes them (fp32 norm,
 rotate-half RoPE from precomputed cos/sin tables), so the captured graphs look like HF's.
 The lm_head (`output`) is not tied to the embedding.
+
+Static KV cache (gpt-fast): `model.setup_caches(max_batch, max_seq_len)` gives every attention
+layer a `KVCache`; then `model(input_ids, input_pos)` with `input_pos` a (T,) int64 tensor of the
+tokens' positions writes K/V at those positions in place and attends over the whole cache, with
+`causal[input_pos]` masking the positions not yet written. Shapes never change between decode
+steps, so a compiler sees one decode graph. Without `input_pos` the model runs without a cache.
 """
 
 from __future__ import annotations
@@ -93,6 +99,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class KVCache(nn.Module):
+    """Preallocated keys and values of one attention layer. Layout, stated once:
+    (B, n_kv_heads, S, head_dim), position-major along S; row s holds the token at position s."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)  # (B, KV, S, D)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_pos: (T,); k, v: (B, KV, T, D). In place, so the buffers keep their identity.
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if k.shape[0] != k_cache.shape[0]:  # fewer sequences than the cache was made for
+            k_cache, v_cache = k_cache[: k.shape[0]], v_cache[: k.shape[0]]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        return k_cache, v_cache  # (B, KV, S, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -103,19 +131,28 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if input_pos is not None:
+            assert self.kv_cache is not None, "call setup_caches() before passing input_pos"
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, KV, S, D)
         # GQA: each K/V head serves n_heads // n_kv_heads consecutive query heads (HF's repeat_kv).
         n_rep = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(n_rep, dim=1)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
+        else:  # mask: (1, 1, T, S) bool, True where key position <= query position
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(y)
 
@@ -139,8 +176,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -156,15 +195,44 @@ class Llama(nn.Module):
         # Derived from args, so not saved in the state dict.
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, D)
+        self.register_buffer("causal_mask", None, persistent=False)  # (S, S) bool, setup_caches
         self.apply(_init_weights)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for `max_batch` sequences of up to `max_seq_len` tokens
+        (in the model's dtype unless `dtype` is given), replacing any previous cache."""
+        if not 1 <= max_seq_len <= self.args.max_seq_len:
+            raise ValueError(f"max_seq_len must be in [1, {self.args.max_seq_len}], got {max_seq_len}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        w = self.output.weight
+        dtype = dtype or w.dtype
+        for layer in self.layers:
+            a = layer.attention
+            a.kv_cache = KVCache(max_batch, a.n_kv_heads, max_seq_len, a.head_dim, dtype, w.device)
+        causal = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device))
+        self.register_buffer("causal_mask", causal, persistent=False)  # (S, S)
+
+    @property
+    def cache_len(self) -> int:
+        """Positions the KV cache holds (0 without one)."""
+        return 0 if self.causal_mask is None else self.causal_mask.shape[0]
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         x = self.tok_embeddings(input_ids)  # (B, T, C)
-        cos = self.rope_cos[:T].to(x.dtype)  # (T, D)
-        sin = self.rope_sin[:T].to(x.dtype)  # (T, D)
+        mask = None
+        if input_pos is None:
+            cos = self.rope_cos[:T].to(x.dtype)  # (T, D)
+            sin = self.rope_sin[:T].to(x.dtype)  # (T, D)
+        else:
+            if self.causal_mask is None:
+                raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
+            cos = self.rope_cos[input_pos].to(x.dtype)  # (T, D)
+            sin = self.rope_sin[input_pos].to(x.dtype)  # (T, D)
+            mask = self.causal_mask[input_pos][None, None]  # (1, 1, T, S)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, input_pos, mask)
         return self.output(self.norm(x))  # (B, T, vocab)
 
 
