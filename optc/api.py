@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch._dynamo.utils import counters as _dynamo_counters
 from torch.utils import _pytree as pytree
 
 from optc import knobs
@@ -211,10 +212,39 @@ class _DynamoGraph:
             return self.eager(*args)
 
 
+# Dynamo's guards cost ~100 us per call on a 2-layer model (one TENSOR_MATCH and five
+# dynamic-marking checks per parameter), as much as the whole optc runtime saves. Dynamo's
+# `use_recursive_dict_tags_for_guards` skips a module subtree's guards while the dict tags of
+# its modules are unchanged (any attribute or parameter assignment changes them). It assumes
+# tensors are not changed in place in metadata (`p.data = other_shape`, `resize_`) and function
+# dunders are not rebound. optc.compile turns it on only while Dynamo builds guards for optc's
+# own graphs (set in the backend, restored when the call that compiled returns), so other
+# torch.compile users in the process keep Dynamo's default.
+_FAST_GUARDS_SAVED: list[bool] = []
+
+
+def _fast_guards_on() -> None:
+    cfg = torch._dynamo.config
+    _FAST_GUARDS_SAVED.append(cfg.use_recursive_dict_tags_for_guards)
+    cfg.use_recursive_dict_tags_for_guards = True
+
+
+def _fast_guards_restore() -> None:
+    if _FAST_GUARDS_SAVED:
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = _FAST_GUARDS_SAVED[0]
+        _FAST_GUARDS_SAVED.clear()
+
+
 def optc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                  config: CompileConfig | dict | None = None,
-                 sink: list[GraphReport] | None = None, record_graphs: bool = False) -> Callable:
-    """The Dynamo backend (``torch.compile(model, backend="optc")``, via the entry point)."""
+                 sink: list[GraphReport] | None = None, record_graphs: bool = False,
+                 fast_guards: bool = False) -> Callable:
+    """The Dynamo backend (``torch.compile(model, backend="optc")``, via the entry point).
+
+    ``fast_guards`` (set by ``optc.compile``): build this graph's guards with Dynamo's
+    recursive dict-tag check; the caller restores the setting after the call."""
+    if fast_guards:
+        _fast_guards_on()
     cfg = _resolve_config(config)
     report = GraphReport("dynamo")
     (sink if sink is not None else _BACKEND_REPORTS).append(report)
@@ -234,16 +264,15 @@ class CompiledModel(torch.nn.Module):
         self.config = cfg
         self.inference = inference
         self.report = CompileReport()
-        from torch._dynamo.utils import counters
-        self._breaks_before = Counter(counters["graph_break"])
         if cfg.frontend == "dynamo":
             _raise_recompile_limit()
             backend = functools.partial(optc_backend, config=cfg, sink=self.report.graphs,
-                                        record_graphs=record_graphs)
+                                        record_graphs=record_graphs, fast_guards=cfg.fast_guards)
             self._compiled: Callable = torch.compile(model, backend=backend)
         else:
             self._compiled = self._call_captured
             self._captures: OrderedDict[tuple, tuple[Captured, Program, GraphReport]] = OrderedDict()
+        self.__dict__["_call"] = self._compiled   # plain attribute: skips nn.Module.__getattr__
 
     # ---- export / symbolic_trace frontends: one capture per input-shape set ---------------
     def _capture(self, args: tuple, kwargs: dict) -> tuple[Captured, Program, GraphReport]:
@@ -277,21 +306,26 @@ class CompiledModel(torch.nn.Module):
         return pytree.tree_unflatten(list(out), cap.out_spec)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from torch._dynamo.utils import counters
-        breaks = counters["graph_break"]
-        seen = sum(breaks.values())
+        # The per-call path: it runs on every decode step, so it does no more than it must
+        # (no nn.Module attribute writes, no Counter copies unless Dynamo compiled).
+        d = self.__dict__
+        breaks = _GRAPH_BREAKS()
+        before = dict(breaks) if breaks else None
         first = self.report.first_call_s is None
         t0 = time.perf_counter() if first else 0.0
-        if self.inference:
-            with torch.no_grad():
-                out = self._compiled(*args, **kwargs)
-        else:
-            out = self._compiled(*args, **kwargs)
+        try:
+            if self.inference and torch.is_grad_enabled():
+                with torch.no_grad():
+                    out = d["_call"](*args, **kwargs)
+            else:
+                out = d["_call"](*args, **kwargs)
+        finally:
+            if _FAST_GUARDS_SAVED:              # this call compiled: guards are built by now
+                _fast_guards_restore()
         if first:
             self.report.first_call_s = time.perf_counter() - t0
-        if sum(breaks.values()) != seen:      # Dynamo compiled during this call
-            self.report.graph_breaks.update(Counter(breaks) - self._breaks_before)
-        self._breaks_before = Counter(breaks)
+        if breaks != (before or {}):            # Dynamo compiled (and broke a graph) in this call
+            self.report.graph_breaks.update(Counter(breaks) - Counter(before or {}))
         return out
 
     def measure_memory(self, *args: Any, **kwargs: Any) -> dict[str, int]:
@@ -325,6 +359,11 @@ class CompiledModel(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_modules"]["model"], name)
+
+
+def _GRAPH_BREAKS() -> dict[str, int]:
+    """Dynamo's graph-break counter (reason -> count), the live dict."""
+    return _dynamo_counters["graph_break"]
 
 
 def _raise_recompile_limit() -> None:

@@ -124,6 +124,9 @@ class CompileConfig:
     verify: bool | None = None          # None: on under pytest / OPTC_VERIFY
     plan_memory: bool = True            # static arena for intermediates
     max_plans: int | None = None        # None: OPTC_MAX_PLANS decides
+    # Dynamo frontend: build guards with Dynamo's recursive dict-tag check (see optc.api);
+    # False keeps Dynamo's full per-call guard evaluation
+    fast_guards: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pipeline, list):

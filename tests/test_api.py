@@ -101,3 +101,23 @@ def test_backend_graph_object_is_callable_with_dynamo_args():
         out = torch.compile(m, backend=backend)(x)
         torch.testing.assert_close(out, m(x), rtol=0, atol=0)
     assert calls and calls[0].report.calls["optc"] == 1
+
+
+def test_fast_guards_scoped_and_module_changes_still_seen(assert_matches_eager):
+    """optc.compile builds its guards with Dynamo's recursive dict-tag check, restores the global
+    setting after the compiling call, and still sees attribute and parameter changes."""
+    import models
+    m = models.build("llama-tiny", seed=5)
+    args, _ = models.example_inputs(m, seq=8)
+    before = torch._dynamo.config.use_recursive_dict_tags_for_guards
+    compiled = optc.compile(m)
+    with torch.no_grad():
+        assert_matches_eager(compiled(*args), m(*args))
+        assert torch._dynamo.config.use_recursive_dict_tags_for_guards == before
+        m.layers[0].attention_norm.eps = 0.5          # a Python float the graph depends on
+        assert_matches_eager(compiled(*args), m(*args))
+        m.output.weight = torch.nn.Parameter(torch.randn_like(m.output.weight))   # replaced
+        assert_matches_eager(compiled(*args), m(*args))
+        m.output.weight.mul_(2)                       # changed in place
+        assert_matches_eager(compiled(*args), m(*args))
+    assert compiled.report.summary()["calls"].get("optc", 0) == 4

@@ -61,12 +61,12 @@ def test_pass_config_rejects_wrongly_typed_field():
 def test_compile_config_round_trips_through_json_with_every_field_set():
     cfg = CompileConfig(pipeline=("remove_noops",), passes={"fuse_add_norm": {"rms_norm": False}},
                         frontend="export", strict=True, verify=False, plan_memory=False,
-                        max_plans=3)
+                        max_plans=3, fast_guards=False)
     text = cfg.to_json()
     assert json.loads(text) == {
         "pipeline": ["remove_noops"], "passes": {"fuse_add_norm": {"rms_norm": False}},
         "frontend": "export", "strict": True, "verify": False, "plan_memory": False,
-        "max_plans": 3, "version": 1,
+        "max_plans": 3, "fast_guards": False, "version": 1,
     }
     assert CompileConfig.from_dict(json.loads(text)) == cfg
     assert CompileConfig.from_dict(CompileConfig().to_dict()) == CompileConfig()
