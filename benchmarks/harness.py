@@ -1,0 +1,246 @@
+"""The benchmark harness: build the job list of a suite, run each job in its own process, collect.
+
+    result = run_suite("quick", out_dir=Path("benchmarks/results"))   # -> dict, also .json/.md/.png
+    jobs = suite_jobs("full", configs=["eager-fp32", "optc"], models=["tiny-lm"])
+
+Suites (``tiny`` shrinks every shape so the harness itself can be tested in seconds):
+  full   roofline; the trained tiny LM (decode + accuracy) and the TinyLlama-1.1B shape (random
+         weights: decode, prefill at T=512 and 2048) under every LM configuration; all-MiniLM-L6-v2
+         (batch 32 x 128, cosine vs fp32) under every encoder configuration
+  quick  roofline; the tiny LM under every LM configuration; TinyLlama-1.1B decode and T=512
+         prefill for eager fp32/bf16 and the default optc preset; MiniLM under eager fp32/bf16,
+         optc and ONNX Runtime, fewer repeats
+
+Each job runs ``python -m benchmarks.worker`` with fresh Inductor and optc cache directories (so
+"compile" is a cold compile every time) and a timeout; a job that fails, crashes or times out is a
+row with its error. The child's peak RSS (``os.wait4``) is recorded beside the worker's own
+per-phase peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SUITES = ("quick", "full")
+
+# Per-model job settings. prompt/new tokens follow the issue: batch 1, 128-token prompt, 64 greedy.
+_LM = dict(task="lm", prompt_len=128, new_tokens=64, repeats=3, prefill=[], prefill_repeats=2,
+           accuracy=False, eval_tokens=64 * 256 + 1)
+_ENC = dict(task="encoder", batch=32, seq=128, repeats=5)
+
+
+@dataclass
+class Job:
+    task: str
+    model: str
+    config: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 900.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}:{self.model}:{self.config}" if self.config else f"{self.task}:{self.model}"
+
+
+def _lm_jobs(model: str, configs: list[str], timeout: float, **over: Any) -> list[Job]:
+    return [Job("lm", model, c, {**_LM, **over}, timeout) for c in configs]
+
+
+def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = None,
+               models: list[str] | None = None) -> list[Job]:
+    """The jobs of `suite`; `configs` / `models` keep only those names (roofline always runs)."""
+    from benchmarks.configs import config_names
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+    lm_all, enc_all = config_names("lm"), config_names("encoder")
+    quick = suite == "quick"
+    if tiny:   # shapes small enough for a test; same code paths
+        jobs = [Job("stream", "stream", "", {"gib": 1 / 16, "repeats": 2}, 120)]
+        jobs += _lm_jobs("tiny-lm", lm_all, 300, prompt_len=16, new_tokens=8, repeats=1,
+                         accuracy=True, eval_tokens=8 * 256 + 1)
+        jobs += _lm_jobs("llama-tiny", lm_all, 300, prompt_len=16, new_tokens=8, repeats=1,
+                         prefill=[32, 64], prefill_repeats=1)
+        jobs += [Job("encoder", "bert-tiny", c, {**_ENC, "batch": 4, "seq": 16, "repeats": 2}, 300)
+                 for c in enc_all]
+    elif quick:
+        big = ["eager-fp32", "eager-bf16", "optc"]
+        jobs = [Job("stream", "stream", "", {"gib": 1.0, "repeats": 3}, 300)]
+        jobs += _lm_jobs("tiny-lm", lm_all, 600, repeats=2, accuracy=True)
+        jobs += _lm_jobs("tinyllama-1.1b", [c for c in lm_all if c in big], 900, repeats=1,
+                         prefill=[512], prefill_repeats=1)
+        jobs += [Job("encoder", "minilm", c, {**_ENC, "repeats": 3}, 600)
+                 for c in enc_all if c in ("eager-fp32", "eager-bf16", "optc", "onnxruntime")]
+    else:
+        jobs = [Job("stream", "stream", "", {"gib": 1.0, "repeats": 5}, 300)]
+        jobs += _lm_jobs("tiny-lm", lm_all, 900, accuracy=True)
+        jobs += _lm_jobs("tinyllama-1.1b", lm_all, 1500, repeats=2, prefill=[512, 2048],
+                         prefill_repeats=1)
+        jobs += [Job("encoder", "minilm", c, dict(_ENC), 900) for c in enc_all]
+    if configs is not None:
+        jobs = [j for j in jobs if j.task == "stream" or j.config in configs]
+    if models is not None:
+        jobs = [j for j in jobs if j.task == "stream" or j.model in models]
+    return jobs
+
+
+# ---- running ----------------------------------------------------------------------------------
+def machine_info(threads: int) -> dict[str, Any]:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "threads": threads,
+        "isa": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                                "amx_bf16", "amx_int8", "amx_tile")),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_job(job: Job, threads: int, scratch: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one job in a fresh process; always returns a row (with "error" when it failed)."""
+    work = Path(tempfile.mkdtemp(prefix="job-", dir=scratch))
+    spec = {"task": job.task, "model": job.model, "config": job.config, "threads": threads,
+            "tmp": str(work / "tmp"), **job.params, **(extra or {})}
+    (work / "job.json").write_text(json.dumps(spec))
+    env = dict(os.environ)
+    # Cold compiles every time, and nothing written outside the scratch directory.
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
+    env["OPTC_CACHE_DIR"] = str(work / "optc")
+    env["HF_HUB_OFFLINE"] = "1"
+    # libgomp's busy-wait makes 2 threads crawl when another process shares the cores; passive
+    # waiting costs nothing measurable on a quiet machine (models/train_tiny.py measured both).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"task": job.task, "model": job.model, "config": job.config, **job.params}
+    with open(work / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", str(work / "job.json"),
+                                 str(work / "result.json")], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=root)
+        status, rusage = _wait(proc, job.timeout_s)
+    row["process_wall_s"] = round(time.perf_counter() - t0, 2)
+    row["process_peak_rss_mib"] = round(rusage.ru_maxrss / 1024, 1) if rusage else None
+    result_path = work / "result.json"
+    if status == "timeout":
+        row["error"] = f"timed out after {job.timeout_s:.0f} s"
+    elif result_path.exists():
+        row.update(json.loads(result_path.read_text()))
+    else:
+        tail = (work / "log.txt").read_text(errors="replace")[-1500:]
+        row["error"] = f"worker exited with status {status} and no result: {tail}"
+    shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[Any, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, rusage
+        if time.monotonic() > deadline:
+            proc.kill()
+            _, _, rusage = os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            return "timeout", rusage
+        time.sleep(0.2)
+
+
+Progress = Callable[[int, int, Job, dict[str, Any] | None], None]
+
+
+def run_jobs(jobs: list[Job], *, threads: int = 2, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Run `jobs` one after another (never two at once: they would time each other). Big random-
+    weight zoo models are built once, into a scratch weight file every worker of that model loads."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="optc-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        weights: dict[str, str] = {}
+        for i, job in enumerate(jobs):
+            if progress:
+                progress(i, len(jobs), job, None)
+            extra: dict[str, Any] = {}
+            if job.task == "lm" and job.model not in ("tiny-lm",) and _is_big(job.model):
+                if job.model not in weights:
+                    path = str(scratch / f"{job.model}.safetensors")
+                    made = run_job(Job("weights", job.model, "", {"weights": path}, 900), threads, scratch)
+                    weights[job.model] = path if "error" not in made else ""
+                extra["weights"] = weights[job.model] or None
+            row = run_job(job, threads, scratch, extra)
+            row.pop("weights", None)
+            rows.append(row)
+            if progress:
+                progress(i + 1, len(jobs), job, row)
+    return rows
+
+
+def _is_big(name: str) -> bool:
+    import models
+    try:
+        args = models.model_args(name)
+    except ValueError:
+        return False
+    return getattr(args, "dim", 0) * getattr(args, "n_layers", 0) >= 2048 * 8
+
+
+def run_suite(suite: str, *, tiny: bool = False, configs: list[str] | None = None,
+              models: list[str] | None = None, threads: int = 2, out_dir: Path | None = RESULTS_DIR,
+              name: str | None = None, note: str = "", progress: Progress | None = None,
+              command: str | None = None) -> dict[str, Any]:
+    """Run a suite and (with `out_dir`) write ``NAME.json``, ``NAME.md`` and ``NAME.png`` there."""
+    from benchmarks import report
+    jobs = suite_jobs(suite, tiny=tiny, configs=configs, models=models)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    rows = run_jobs(jobs, threads=threads, progress=progress)
+    result = {
+        "suite": suite + ("-tiny" if tiny else ""), "started": started,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "command": command or " ".join(["python -m benchmarks"] + sys.argv[1:]),
+        "note": note, "machine": machine_info(threads),
+        "load_average": {"before": [round(x, 2) for x in load_before],
+                         "after": [round(x, 2) for x in os.getloadavg()]},
+        "jobs": [asdict(j) for j in jobs], "rows": rows,
+    }
+    if out_dir is not None:
+        report.write(result, Path(out_dir), name or result["suite"])
+    return result
