@@ -68,6 +68,9 @@ def test_generate_compiled_equals_eager(how):
         # one prefill graph and one decode graph, every call through optc, nothing eager
         assert s["graphs"] == 2 and s["graph_breaks"] == 0 and s["fallback_ops"] == 0
         assert s["calls"] == {"optc": 10}
+        # the decode graph is symbolic (Dynamo passes the token slice's offset as a SymInt,
+        # which changes every step), yet one memory plan serves every step
+        assert [len(g.program.plans) for g in compiled.report.graphs] == [1, 1]
         # reusing the cache (same buffers) compiles nothing new
         again = generate(compiled, ids, 10, setup=False)
         assert torch.equal(again.tokens, ref)

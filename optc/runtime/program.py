@@ -263,6 +263,22 @@ class Program:
                     if isinstance(e, sympy.Symbol):
                         self._bind_dims.append((k, d, e))
         self.symbolic = bool(self._bind_dims)
+        # A plan depends only on the symbols in the planned values' sizes and strides. Dynamo
+        # also passes strides and storage offsets as SymInts (a decode step's one-token slice of
+        # the output buffer moves its offset every step): those must not make a new plan.
+        used: set[sympy.Symbol] = set()
+        for n in self.planned:
+            v = n.meta["val"]
+            for s in (*v.shape, *v.stride()):
+                e = size_expr(s)
+                if not isinstance(e, int):
+                    used |= e.free_symbols
+        key_syms: set[sympy.Symbol] = set()
+        self._key_dims: list[tuple[int, int | None]] = []
+        for k, d, sym in self._bind_dims:
+            if sym in used and sym not in key_syms:
+                key_syms.add(sym)
+                self._key_dims.append((k, d))
         self._static_shapes = [tuple(int(s) for s in p.meta["val"].shape)
                                if isinstance(p.meta.get("val"), torch.Tensor) and not self.symbolic
                                else None for p in self.placeholders]
@@ -299,6 +315,8 @@ class Program:
 
     # ---- plans -------------------------------------------------------------------------------
     def _key(self, inputs: tuple) -> tuple:
+        if self.symbolic:
+            return tuple(inputs[k] if d is None else inputs[k].shape[d] for k, d in self._key_dims)
         return tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in inputs)
 
     def _make_plan(self, key: tuple, inputs: tuple) -> Plan:
