@@ -8,4 +8,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "remove_noops",
     # After remove_noops: matches residual add + RMSNorm/LayerNorm on the cleaned graph.
     "fuse_add_norm",
+    # After remove_noops (eval dropout and identity casts gone): the attention chain is then
+    # matmul -> scale -> mask -> softmax -> matmul with nothing in between. Lossless, so in the
+    # default pipeline. Independent of fuse_add_norm (it matches no norm or residual add).
+    "fuse_attention",
 )

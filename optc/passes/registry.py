@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from optc.passes import fuse_add_norm, remove_noops
+from optc.passes import fuse_add_norm, fuse_attention, remove_noops
 from optc.passes.base import PassInfo
 
 PASSES: dict[str, PassInfo] = {p.name: p for p in (
     remove_noops.PASS,
     fuse_add_norm.PASS,
+    fuse_attention.PASS,
 )}
