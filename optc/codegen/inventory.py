@@ -21,9 +21,20 @@ def _norm_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
     return kernel_source(spec, origin)
 
 
+def _attention_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
+    # the FlashAttention-2 prefill kernel; the flash-decoding pair is rendered at its first
+    # launch (optc.ops.attention.decode_kernel_source)
+    from optc.ops.attention import AttentionSpec, dot_in_fp32, kernel_source, mask_kind
+    q, mask, causal = node.args[0], node.args[3], node.args[4]
+    mval = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+    spec = AttentionSpec(mask_kind(mval), bool(causal), dot_in_fp32(q.meta["val"].dtype))
+    return kernel_source(spec, origin)
+
+
 # op name -> function rendering the Triton source for one node of that op
 TRITON_SOURCES: dict[str, Callable[[str, fx.Node, KernelOrigin], str]] = {
     "rms_norm": _norm_source, "add_rms_norm": _norm_source, "add_layer_norm": _norm_source,
+    "attention": _attention_source,
 }
 
 

@@ -2,7 +2,8 @@
 
 ``annotate_costs(gm)`` sets ``meta["optc_cost"] = Cost(flops, bytes)``; ``evaluate(cost,
 bindings)`` gives numbers for concrete sizes. The model is first-order: GEMM-like ops count
-2·M·N·K, attention 4·B·H·Tq·Tk·D, elementwise/reductions one FLOP per output element; bytes
+2·M·N·K, attention 4·B·H·Tq·Tk·D (``optc::attention``: over the pairs it keeps, about half
+when causal), elementwise/reductions one FLOP per output element; bytes
 are every tensor input read once plus the output written once (views and metadata ops move
 nothing). Good enough to rank choices; the benchmarks measure the truth.
 """
@@ -68,7 +69,9 @@ def node_cost(n: fx.Node) -> Cost:
     tensors_in = [v for v in ins if isinstance(v, torch.Tensor)]
     nbytes = sympy.Add(*[_nbytes(v) for v in tensors_in]) + _nbytes(out)
     flops: sympy.Expr = sympy.Integer(0)
-    if isinstance(out, torch.Tensor):
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "optc" and t._opname == "attention":
+        flops = _attention_flops(n)
+    elif isinstance(out, torch.Tensor):
         if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
                  aten.bmm.default):
             a = tensors_in[0] if t is not aten.addmm.default else tensors_in[1]
@@ -83,6 +86,15 @@ def node_cost(n: fx.Node) -> Cost:
         # fused norms: ~4 FLOPs per output element (add, square-accumulate, scale, weight)
         flops = sympy.Add(*[_numel(v) for v in (out or ()) if isinstance(v, torch.Tensor)]) * 4
     return Cost(sympy.simplify(flops), sympy.simplify(nbytes))
+
+
+def _attention_flops(n: fx.Node) -> sympy.Expr:
+    """optc::attention: both products over the visible (query, key) pairs (causal: about half)."""
+    from optc.ops.attention import attention_flops
+    q, k, v = (_val(a) for a in n.args[:3])
+    B, H, tq, d = (sympy.sympify(size_expr(s)) for s in q.shape)
+    tk, dv = sympy.sympify(size_expr(k.shape[2])), sympy.sympify(size_expr(v.shape[3]))
+    return sympy.sympify(attention_flops(B, H, tq, tk, d, dv, bool(n.args[4])))
 
 
 def annotate_costs(gm: fx.GraphModule) -> Cost:

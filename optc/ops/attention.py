@@ -20,13 +20,37 @@ flash paths (ATen's CPU kernel, the Triton kernels) give 0, the unfused path NaN
 
 CPU implementation: ATen's flash kernel (``F.scaled_dot_product_attention`` dispatches to
 ``_scaled_dot_product_flash_attention_for_cpu``: blocked online softmax, GQA without repeating
-K/V), or the unfused chain, chosen per dtype and shape by a table from this measurement
-(``python -m benchmarks.attention --cpu-paths``; B=1, H=8, H_kv=8 or 2, D=64; CPU time of one
-thread, min of 3 interleaved rounds x 3 calls, so other tenants of this shared 2-core VM do not
-count; ms; prefill is causal, ``mask`` a random bool mask, decode is Tq=1 against Tk keys
-with a bool mask)::
+K/V), chosen over the unfused chain (matmul, softmax, matmul) by this measurement (``python
+-m benchmarks.attention --cpu-paths``; B=1, H=8, D=64, H_kv=8, "gqa" H_kv=2; q/k/v as (B, T, H,
+D) projections viewed as (B, H, T, D); CPU time of one thread, min of 3 interleaved rounds x 3
+calls, so other tenants of this shared 2-core VM do not count; ms; causal/gqa are causal
+prefill, "mask" a random bool mask, "decode" Tq=1 against Tk keys with a bool mask)::
 
-${CPU_TABLE}
+                          T=16      64     128     256     512    1024    2048
+    fp32  causal  flash      0.024   0.115   0.384   1.355   5.308  15.011  50.138
+    fp32  causal  unfused    0.076   0.186   0.578   3.504  14.642  62.849 262.639
+    fp32  gqa     flash      0.021   0.137   0.443   1.466   5.117  14.441  47.570
+    fp32  gqa     unfused    0.053   0.223   0.638   2.516   9.984  66.848 266.458
+    fp32  mask    flash      0.028   0.127   0.538   1.866   6.727  25.258 103.620
+    fp32  mask    unfused    0.051   0.193   0.942   3.531  20.715  93.994 322.881
+    fp32  decode  flash      0.016   0.021   0.027   0.040   0.092   0.244   0.574
+    fp32  decode  unfused    0.038   0.044   0.051   0.062   0.136   0.295   0.635
+    bf16  causal  flash      0.036   0.092   0.217   0.698   2.180   6.575  20.294
+    bf16  causal  unfused    0.116   0.215   0.670   1.658   5.391  31.148 145.420
+    bf16  gqa     flash      0.031   0.075   0.206   0.689   2.019   5.993  19.855
+    bf16  gqa     unfused    0.119   0.186   0.497   1.550   5.548  35.628 148.292
+    bf16  mask    flash      0.041   0.090   0.307   0.975   3.139  12.931  72.240
+    bf16  mask    unfused    0.118   0.211   0.781   2.753  10.049  53.920 290.068
+    bf16  decode  flash      0.045   0.061   0.053   0.084   0.106   0.241   0.454
+    bf16  decode  unfused    0.204   0.274   0.346   0.554   0.970   1.673   4.630
+
+The flash kernel is fastest in every case, by 1.1-5.6x in fp32 and 2.2-10x in bf16 (the
+unfused chain writes and re-reads a (Tq, Tk) score matrix per head), so it is the CPU path for every
+dtype and shape; ``--cpu-paths --threads 2 --wall`` (2 threads, wall clock, machine busy)
+ordered them the same but for one cell within noise (fp32 causal T=128: 0.45 vs 0.39 ms, where
+CPU time says 0.38 vs 0.58). FACTS.md's earlier "bf16 unfused as fast or faster at T=1024"
+did not reproduce (6.6 vs 31 ms causal, 12.9 vs 54 ms masked). The unfused path stays in
+``CPU_PATHS`` as the measured alternative and the second implementation the tests compare.
 
 The Triton implementation renders ``optc.codegen.templates.attention`` (FlashAttention-2
 forward: grid (query blocks, B*H), online softmax, causal block skipping, GQA head mapping,
@@ -134,25 +158,14 @@ def _unfused_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: b
     return out.copy_(torch.matmul(p, v).view(B, H, tq, v.shape[3]))
 
 
+# The candidates measured for the docstring's table (benchmarks/attention.py --cpu-paths).
 CPU_PATHS: dict[str, Callable[..., Tensor]] = {"flash": _flash_cpu, "unfused": _unfused_cpu}
-
-# (dtype, largest Tq, largest Tk, path): the first row that fits wins; "flash" otherwise.
-# From the table in the module docstring: see there.
-CPU_TABLE: tuple[tuple[torch.dtype, int, int, str], ...] = ()
-
-
-def cpu_path(dtype: torch.dtype, tq: int, tk: int) -> str:
-    for dt, max_tq, max_tk, path in CPU_TABLE:
-        if dtype == dt and tq <= max_tq and tk <= max_tk:
-            return path
-    return "flash"
 
 
 def attention_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                   scale: float, kv_group: int) -> Tensor:
     _check(q, k, v, mask, kv_group)
-    path = CPU_PATHS[cpu_path(q.dtype, q.shape[2], k.shape[2])]
-    return path(q, k, v, mask, causal, scale, kv_group)
+    return _flash_cpu(q, k, v, mask, causal, scale, kv_group)   # fastest everywhere measured
 
 
 # ---- fake ------------------------------------------------------------------------------------
@@ -178,7 +191,7 @@ def mask_kind(mask: Any) -> str:
     return "bool" if mask.dtype == torch.bool else "add"
 
 
-def _dot_in_fp32(dtype: torch.dtype) -> bool:
+def dot_in_fp32(dtype: torch.dtype) -> bool:
     # fp32 inputs: IEEE fp32 dots (not TF32). bf16 under the interpreter: its tl.dot multiplies
     # bf16 bit patterns as integers (FACTS.md), so cast first; fp16 is correct there.
     return dtype == torch.float32 or (dtype == torch.bfloat16 and knobs.TRITON_INTERPRET.get())
@@ -298,7 +311,7 @@ def launch_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
     if out.numel() == 0:
         return out, lse
     cfg = config or launch_config(D, device)
-    spec = AttentionSpec(mask_kind(mask), causal, _dot_in_fp32(q.dtype))
+    spec = AttentionSpec(mask_kind(mask), causal, dot_in_fp32(q.dtype))
     masks, mask_strides = _mask_operand(mask, (B, H, tq, tk))
     kernel = load_kernel(kernel_source(spec, origin), spec.entry)
     grid = (triton_cdiv(tq, cfg.block_m), B * H)
@@ -402,7 +415,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = N
         return out, lse
     part_out = torch.empty(B, H, tq, splits, D, dtype=torch.float32, device=device)
     part_lse = torch.empty(B, H, tq, splits, dtype=torch.float32, device=device)
-    spec = DecodeSpec(mask_kind(mask), seq_lens is not None, _dot_in_fp32(q.dtype))
+    spec = DecodeSpec(mask_kind(mask), seq_lens is not None, dot_in_fp32(q.dtype))
     src = decode_kernel_source(spec, origin)
     split_kernel = load_kernel(src, spec.split_entry)
     merge_kernel = load_kernel(src, spec.merge_entry)
@@ -474,30 +487,21 @@ _DTYPE_KEY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 def roofline(B: int, H: int, H_kv: int, tq: int, tk: int, D: int, dtype: torch.dtype, *,
              causal: bool, mask_bytes: int = 0, gpu: str = "H100") -> dict[str, Any]:
-    """An *estimate* of the Triton kernel's time on ``gpu`` from its peak numbers: FLOPs of the
-    two products over the visible pairs; bytes the FlashAttention-2 schedule moves (Q read and
-    O written once, the LSE, K/V read once per query block over the keys it visits, the mask
-    per visited pair); time = max(FLOPs / peak FLOP/s, bytes / peak bandwidth). A roofline is
-    a lower bound on time: FlashAttention-2 reaches 50-73 % of peak FLOP/s on A100."""
+    """An *estimate* of the Triton kernel's time on ``gpu`` from its datasheet peaks, not a
+    measurement: FLOPs of the two products over the visible pairs; HBM bytes of an IO-ideal
+    schedule (Q, K, V and the mask read once, O and the fp32 LSE written once: the programs
+    of one head run together and share its K/V blocks through L2, and GQA reads each K/V head
+    once); time = max(FLOPs / peak FLOP/s, bytes / peak bandwidth). A roofline bounds the
+    time from below: FlashAttention-2 reaches 50-73 % of peak FLOP/s on A100."""
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; accepted: {', '.join(GPUS)}")
     peak = GPUS[gpu]
     elt = torch.empty((), dtype=dtype).element_size()
-    cfg = launch_config(D, torch.device("cuda"))
-    decode = tq <= DECODE_MAX_TQ and not causal
     flops = int(attention_flops(B, H, tq, tk, D, D, causal))
-    if decode:      # one program per K/V head and split: K/V read once per group
-        kv_reads = B * H_kv * tk
-    else:
-        n_blocks = triton_cdiv(tq, cfg.block_m)
-        visited = sum(min(tk, (i + 1) * cfg.block_m) for i in range(n_blocks)) if causal \
-            else n_blocks * tk
-        kv_reads = B * H * visited
-    pairs = int(causal_pairs(tq, tk)) if causal else tq * tk
-    nbytes = (2 * B * H * tq * D * elt + 4 * B * H * tq + 2 * kv_reads * D * elt
-              + mask_bytes * B * H * pairs)
+    nbytes = 2 * B * (H * tq + H_kv * tk) * D * elt + 4 * B * H * tq + mask_bytes
     t_flops = flops / peak.flops[_DTYPE_KEY[dtype]]
     t_bytes = nbytes / peak.bytes_per_s
+    decode = tq <= DECODE_MAX_TQ and not causal
     return {"gpu": peak.name, "kernel": "flash-decoding" if decode else "FlashAttention-2",
             "flops": flops, "bytes": nbytes, "predicted_s": max(t_flops, t_bytes),
             "bound": "compute" if t_flops >= t_bytes else "memory",
