@@ -128,7 +128,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def inspect_model(spec: ModelSpec, passes: list[str] | None, frontend: str) -> dict[str, Any]:
+def inspect_model(spec: ModelSpec, passes: list[str] | None, frontend: str,
+                  gpu: str = "H100") -> dict[str, Any]:
     """Compile with graph recording; gather everything ``optc inspect`` prints."""
     import optc
     from optc.codegen.inventory import kernels_for_graph
@@ -173,12 +174,54 @@ def inspect_model(spec: ModelSpec, passes: list[str] | None, frontend: str) -> d
                                  "flops_expr": str(g.flops), "bytes_expr": str(g.bytes)}
             except ValueError:
                 entry["cost"] = {"flops_expr": str(g.flops), "bytes_expr": str(g.bytes)}
+            if g.pipeline is not None:
+                entry["attention"] = _attention_entries(g.pipeline.gm, bindings, gpu)
         graphs.append(entry)
     arena = sum(g.get("runtime", {}).get("arena_bytes", 0) for g in graphs)
     return {"model": spec.label, "frontend": frontend, "graphs": graphs,
             "graph_breaks": dict(rep.graph_breaks), "max_abs_diff_vs_eager": diff,
             "memory": {"eager_peak_bytes": eager_peak, "optc_arena_bytes": arena,
                        "optc_transient_peak_bytes": optc_mem["transient_peak_bytes"]}}
+
+
+def _attention_entries(gm: Any, bindings: dict, gpu: str) -> list[dict[str, Any]]:
+    """Per optc.attention node: the fuse_attention rules that built it, its shapes, and a
+    roofline *estimate* of its Triton kernel on ``gpu`` (not a measurement)."""
+    import sympy
+
+    from optc.graph.cost import evaluate
+    from optc.graph.printer import node_names
+    from optc.graph.shape import size_expr
+    from optc.ops.attention import mask_kind, roofline
+    names = node_names(gm.graph)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "_opname", None) != "attention" \
+                or getattr(n.target, "namespace", None) != "optc":
+            continue
+        q, k, _, mask, causal, _, group = n.args[:7]
+        try:
+            qs, ks = ([evaluate(sympy.sympify(size_expr(s)), bindings) for s in a.meta["val"].shape]
+                      for a in (q, k))
+        except ValueError:     # symbolic sizes and no concrete input seen
+            qs = ks = None
+        mval = mask.meta.get("val") if mask is not None else None
+        e: dict[str, Any] = {"node": names[n], "layer": n.meta.get("optc_layer"),
+                             "rules": list(n.meta.get("optc_attention_rules", ())),
+                             "q": qs, "k": ks, "causal": bool(causal), "kv_group": group,
+                             "mask": mask_kind(mval)}
+        if qs is not None:
+            mask_bytes = 0
+            if mval is not None:
+                try:
+                    mask_bytes = evaluate(sympy.sympify(size_expr(mval.numel())), bindings) \
+                        * mval.element_size()
+                except ValueError:
+                    mask_bytes = 0
+            e["roofline"] = roofline(qs[0], qs[1], ks[1], qs[2], ks[2], qs[3], q.meta["val"].dtype,
+                                     causal=bool(causal), mask_bytes=mask_bytes, gpu=gpu)
+        out.append(e)
+    return out
 
 
 def _bindings(program: Any, plan: Any) -> dict:
@@ -245,6 +288,20 @@ def print_inspect(info: dict[str, Any], print_after_all: bool) -> None:
             print(f"-- memory plan: {rt['planned_values']} values in arena, {rt['unplanned_values']} "
                   f"allocated by their op; arena {_fmt_bytes(rt['arena_bytes'])} ({ratio}; "
                   f"{_fmt_bytes(rt['no_reuse_bytes'])} without reuse)")
+        attn = g.get("attention") or []
+        if attn:
+            print(f"-- attention: {len(attn)} x optc.attention (rules that fired per attention; "
+                  "Triton time is a roofline estimate from datasheet peaks, not measured)")
+        for a in attn:
+            where = f" @L{a['layer']}" if a["layer"] is not None else ""
+            shape = f"q {tuple(a['q'])}, k {tuple(a['k'])}" if a["q"] else "symbolic shapes"
+            print(f"   {a['node']}{where}: {' + '.join(a['rules'])}; {shape}, kv_group "
+                  f"{a['kv_group']}, causal={a['causal']}, mask={a['mask']}")
+            r = a.get("roofline")
+            if r:
+                print(f"      {r['kernel']} on {r['gpu']}: {r['flops'] / 1e6:.3f} MFLOP, "
+                      f"{_fmt_bytes(r['bytes'])}, {r['predicted_s'] * 1e6:.3g} us "
+                      f"({r['bound']}-bound) [{r['label']}]")
         ks = g.get("kernels") or []
         print("-- kernels: " + ("none (no optc ops in the graph)" if not ks else ""))
         for k in ks:
@@ -264,7 +321,7 @@ def cmd_inspect(ns: argparse.Namespace) -> int:
     passes = [p for p in ns.passes.split(",") if p] if ns.passes is not None else None
     from optc.config import ConfigError
     try:
-        info = inspect_model(spec, passes, ns.frontend)
+        info = inspect_model(spec, passes, ns.frontend, ns.gpu)
     except ConfigError as e:
         print(f"optc: {e}", file=sys.stderr)
         return 2
@@ -294,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     ip.add_argument("--print-after-all", action="store_true", help="print the graph after every pass")
     ip.add_argument("--format", choices=("text", "json"), default="text")
     ip.add_argument("--frontend", choices=("dynamo", "export", "symbolic_trace"), default="dynamo")
+    ip.add_argument("--gpu", choices=("H100", "H200", "A100"), default="H100",
+                    help="GPU whose datasheet peaks the attention roofline estimate uses")
     ip.set_defaults(fn=cmd_inspect)
     dp = sub.add_parser("demo", help="compile a built-in model; print a before/after table")
     dp.add_argument("model", nargs="?", default="zoo:llama-small:seq=128")
