@@ -58,6 +58,13 @@ def _assert_compiled_ok(compiled: optc.CompiledModel, *, graphs: int) -> None:
     assert not [k for k in report.graphs[-1].calls if k.startswith("eager:")]
 
 
+def _assert_attention_fused(compiled: optc.CompiledModel) -> None:
+    """fuse_attention fused every attention (both layers) and left no pattern unfused."""
+    for g in compiled.report.graphs:
+        stats = next(r.stats for r in g.pipeline.records if r.name == "fuse_attention")
+        assert stats["eager"] + stats["sdpa"] == 2 and "unfused_left" not in stats, dict(stats)
+
+
 class _BackendWatch:
     """Counts what Dynamo did while ``torch.compile(backend="optc")`` ran (its counters are global)."""
 
@@ -141,6 +148,7 @@ def test_hf_optc_compile_matches_eager(arch: str, impl: str, assert_matches_eage
     args, kwargs = hf_example_inputs(model, batch=SECOND[0], seq=SECOND[1], seed=1)
     assert_matches_eager(compiled(*args, **kwargs), _eager(model, args, kwargs))
     _assert_compiled_ok(compiled, graphs=2)
+    _assert_attention_fused(compiled)     # 0 unfused attention patterns, eager and sdpa alike
 
 
 @pytest.mark.parametrize("impl", ATTN_IMPLS)

@@ -21,7 +21,8 @@
     dropout_noop  dropout(P, p=0 | train=False) (HF eager attention with attn_dropout in eval)
   K/V (both entries):
     repeat_kv          reshape(expand(unsqueeze(x, 2), [B, H_kv, g, T, D]), [B, H_kv*g, T, D])
-                       -> x with kv_group = g (HF ``repeat_kv``: Llama GQA)
+                       -> x with kv_group = g (HF ``repeat_kv``: Llama GQA; identity slices
+                       of ``x[:, :, None]`` in between are looked through)
     repeat_interleave  repeat_interleave(x, g, dim=1) -> x with kv_group = g (gpt-fast, zoo Llama)
     k_view             k = kT.transpose(-2, -1) when kT is not itself a transpose (a view)
 **Source**: FlashAttention (Dao et al. 2022: IO-aware exact attention, tiling, linear memory)
@@ -137,6 +138,14 @@ def _dim_is(dim: object, ndim: int, want: int) -> bool:
 
 # ---- K/V: undo the GQA repeat ----------------------------------------------------------------
 
+def _full_slices(x: object) -> object:
+    """Strip identity slices (``x[:, :, None]`` leaves ``slice(x, d, 0, INT_MAX)`` behind)."""
+    while _is(x, aten.slice.Tensor) and same_shape(list(_val(x).shape), list(_val(x.args[0]).shape)) \
+            and (x.args[4] if len(x.args) > 4 else 1) == 1:
+        x = x.args[0]
+    return x
+
+
 def _unrepeat(x: fx.Node) -> tuple[fx.Node, int, str] | None:
     """(un-repeated x, group, rule) if x repeats each K/V head g times along dim 1."""
     if _is(x, aten.repeat_interleave.self_int):
@@ -148,10 +157,11 @@ def _unrepeat(x: fx.Node) -> tuple[fx.Node, int, str] | None:
     if not _is(x, *_VIEWS) or not _is(x.args[0], aten.expand.default):
         return None
     exp = x.args[0]
-    uns = exp.args[0]
+    uns = _full_slices(exp.args[0])
     if not (_is(uns, aten.unsqueeze.default) and _dim_is(uns.args[1], 5, 2) and _t4(uns.args[0])):
         return None
-    base = _val(uns.args[0])
+    src = _full_slices(uns.args[0])
+    base = _val(src)
     ev, xv = _val(exp), _val(x)
     group = _int(ev.shape[2])
     if group is None or group < 2:
@@ -160,13 +170,14 @@ def _unrepeat(x: fx.Node) -> tuple[fx.Node, int, str] | None:
     if not (same_shape(list(ev.shape), [B, hkv, ev.shape[2], T, D])
             and same_shape(list(xv.shape), [B, hkv * group, T, D])):
         return None
-    return uns.args[0], group, "repeat_kv"
+    return src, group, "repeat_kv"
 
 
 def _unrepeat_kv(m: Match) -> None:
     ku, vu = _unrepeat(m.k) if not m.k_view else None, _unrepeat(m.v)
     if ku is None or vu is None or ku[1] != vu[1]:
         return                         # keep both repeated: still correct, just not saved
+    m.nodes += [m.k, m.v]
     m.k, m.v = ku[0], vu[0]
     m.kv_group *= ku[1]
     m.rules.append(ku[2])
@@ -407,11 +418,16 @@ def _rewrite(g: fx.Graph, m: Match) -> fx.Node:
     new = _emit(g, a, torch.ops.optc.attention.default,
                 (m.q, k, m.v, mask, m.causal, m.scale, m.kv_group), a)
     new.meta["optc_pass"] = "fuse_attention"
-    new.meta["optc_origin"] = tuple(n.name for n in [*m.nodes, a])
+    order = {n: i for i, n in enumerate(g.nodes)}
+    new.meta["optc_origin"] = tuple(n.name for n in sorted({*m.nodes, a}, key=order.__getitem__))
     new.meta["optc_attention_rules"] = tuple(m.rules)
     a.replace_all_uses_with(new)
     for u in list(new.users):
         _fit_layout(g, new, u)
+    # erased here, not left to DCE: SDPA and dropout are "random" ops FX's DCE keeps
+    for n in [a, *reversed(m.nodes)]:
+        if not n.users:
+            g.erase_node(n)
     return new
 
 
@@ -422,7 +438,7 @@ def _fit_layout(g: fx.Graph, new: fx.Node, user: fx.Node) -> None:
         return
     try:
         propagate_node(user)
-    except RuntimeError:
+    except (RuntimeError, ValueError):     # fake view/reshape errors come as either
         c = _emit(g, user, aten.contiguous.default, (new,), new)
         user.replace_input_with(new, c)
         propagate_node(user)
