@@ -87,14 +87,17 @@ def _onnxruntime(model: Model, ctx: Context) -> Any:
             self.inner = model
 
         def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, xs)))[0]
+            out = self.inner(**dict(zip(names, xs)))
+            return out if isinstance(out, torch.Tensor) else out[0]   # HF: last_hidden_state
 
     with torch.no_grad():
         torch.onnx.export(Wrapped().eval(), tuple(kwargs[n] for n in names), str(raw), dynamo=False,
                           input_names=names, output_names=["last_hidden_state"], opset_version=17)
-    cfg = model.config
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
-                               hidden_size=cfg.hidden_size)
+    if hasattr(model, "config"):     # HF
+        heads, hidden = model.config.num_attention_heads, model.config.hidden_size
+    else:                            # zoo
+        heads, hidden = model.args.n_heads, model.args.dim
+    optimized = optimize_model(str(raw), model_type="bert", num_heads=heads, hidden_size=hidden)
     optimized.save_model_to_file(str(opt))
     ctx.info["ort_fused_ops"] = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     so = ort.SessionOptions()

@@ -7,9 +7,10 @@ Suites (``tiny`` shrinks every shape so the harness itself can be tested in seco
   full   roofline; the trained tiny LM (decode + accuracy) and the TinyLlama-1.1B shape (random
          weights: decode, prefill at T=512 and 2048) under every LM configuration; all-MiniLM-L6-v2
          (batch 32 x 128, cosine vs fp32) under every encoder configuration
-  quick  roofline; the tiny LM under every LM configuration; TinyLlama-1.1B decode and T=512
-         prefill for eager fp32/bf16 and the default optc preset; MiniLM under eager fp32/bf16,
-         optc and ONNX Runtime, fewer repeats
+  quick  roofline; the tiny LM under every LM configuration but the three slowest to compile
+         (inductor-fp32, torchao-int8/int4-inductor); TinyLlama-1.1B decode and T=512 prefill for
+         eager fp32/bf16 and the default optc preset; MiniLM under eager fp32/bf16, optc and ONNX
+         Runtime; fewer repeats
 
 Each job runs ``python -m benchmarks.worker`` with fresh Inductor and optc cache directories (so
 "compile" is a cold compile every time) and a timeout; a job that fails, crashes or times out is a
@@ -35,7 +36,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SUITES = ("quick", "full")
 
 # Per-model job settings. prompt/new tokens follow the issue: batch 1, 128-token prompt, 64 greedy.
-_LM = dict(task="lm", prompt_len=128, new_tokens=64, repeats=3, prefill=[], prefill_repeats=2,
+_LM = dict(task="lm", prompt_len=128, new_tokens=64, repeats=3, prefill_lengths=[], prefill_repeats=2,
            accuracy=False, eval_tokens=64 * 256 + 1)
 _ENC = dict(task="encoder", batch=32, seq=128, repeats=5)
 
@@ -70,21 +71,23 @@ def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = No
         jobs += _lm_jobs("tiny-lm", lm_all, 300, prompt_len=16, new_tokens=8, repeats=1,
                          accuracy=True, eval_tokens=8 * 256 + 1)
         jobs += _lm_jobs("llama-tiny", lm_all, 300, prompt_len=16, new_tokens=8, repeats=1,
-                         prefill=[32, 64], prefill_repeats=1)
+                         prefill_lengths=[32, 64], prefill_repeats=1)
         jobs += [Job("encoder", "bert-tiny", c, {**_ENC, "batch": 4, "seq": 16, "repeats": 2}, 300)
                  for c in enc_all]
     elif quick:
+        # Cold Inductor compiles take 1-2 min each here: quick keeps one compiled peer (bf16).
+        slow = ("inductor-fp32", "torchao-int8-inductor", "torchao-int4-inductor")
         big = ["eager-fp32", "eager-bf16", "optc"]
         jobs = [Job("stream", "stream", "", {"gib": 1.0, "repeats": 3}, 300)]
-        jobs += _lm_jobs("tiny-lm", lm_all, 600, repeats=2, accuracy=True)
+        jobs += _lm_jobs("tiny-lm", [c for c in lm_all if c not in slow], 600, repeats=2, accuracy=True)
         jobs += _lm_jobs("tinyllama-1.1b", [c for c in lm_all if c in big], 900, repeats=1,
-                         prefill=[512], prefill_repeats=1)
+                         prefill_lengths=[512], prefill_repeats=1)
         jobs += [Job("encoder", "minilm", c, {**_ENC, "repeats": 3}, 600)
                  for c in enc_all if c in ("eager-fp32", "eager-bf16", "optc", "onnxruntime")]
     else:
         jobs = [Job("stream", "stream", "", {"gib": 1.0, "repeats": 5}, 300)]
         jobs += _lm_jobs("tiny-lm", lm_all, 900, accuracy=True)
-        jobs += _lm_jobs("tinyllama-1.1b", lm_all, 1500, repeats=2, prefill=[512, 2048],
+        jobs += _lm_jobs("tinyllama-1.1b", lm_all, 1500, repeats=2, prefill_lengths=[512, 2048],
                          prefill_repeats=1)
         jobs += [Job("encoder", "minilm", c, dict(_ENC), 900) for c in enc_all]
     if configs is not None:
@@ -92,6 +95,32 @@ def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = No
     if models is not None:
         jobs = [j for j in jobs if j.task == "stream" or j.model in models]
     return jobs
+
+
+def jobs_for_model(model: str, suite: str = "quick", configs: list[str] | None = None) -> list[Job]:
+    """What ``optc bench MODEL`` runs: the suite's jobs for `model` when the suite has it; else the
+    suite's LM settings for any zoo Llama (speed only) or its encoder settings for a zoo BERT."""
+    import models
+    from benchmarks.configs import config_names
+    model = model.removeprefix("zoo:")
+    jobs = [j for j in suite_jobs(suite, configs=configs) if j.model == model]
+    if any(j.task != "stream" for j in jobs):
+        return [j for j in suite_jobs(suite) if j.task == "stream"] + jobs
+    family = models.family_of(model)            # ValueError names the accepted models
+    keep = (lambda names: [n for n in names if configs is None or n in configs])
+    if family == "llama":
+        max_len = models.model_args(model).max_seq_len
+        lengths = [T for T in ((512,) if suite == "quick" else (512, 2048)) if T <= max_len]
+        prompt = min(128, max_len // 2)
+        new = ([Job("lm", model, c, {**_LM, "prompt_len": prompt, "new_tokens": min(64, max_len - prompt),
+                                     "prefill_lengths": lengths, "repeats": 1 if suite == "quick" else 2},
+                    1500) for c in keep(config_names("lm"))])
+    elif family == "bert":
+        new = [Job("encoder", model, c, dict(_ENC), 900) for c in keep(config_names("encoder"))]
+    else:
+        raise ValueError(f"optc bench measures Llama decoders (static KV cache) and BERT encoders; "
+                         f"{model!r} is a {family} model")
+    return [j for j in suite_jobs(suite) if j.task == "stream"] + new
 
 
 # ---- running ----------------------------------------------------------------------------------
@@ -224,10 +253,12 @@ def _is_big(name: str) -> bool:
 def run_suite(suite: str, *, tiny: bool = False, configs: list[str] | None = None,
               models: list[str] | None = None, threads: int = 2, out_dir: Path | None = RESULTS_DIR,
               name: str | None = None, note: str = "", progress: Progress | None = None,
-              command: str | None = None) -> dict[str, Any]:
-    """Run a suite and (with `out_dir`) write ``NAME.json``, ``NAME.md`` and ``NAME.png`` there."""
+              command: str | None = None, jobs: list[Job] | None = None) -> dict[str, Any]:
+    """Run a suite (or the given `jobs`) and, with `out_dir`, write ``NAME.json``, ``NAME.md`` and
+    ``NAME.png`` there."""
     from benchmarks import report
-    jobs = suite_jobs(suite, tiny=tiny, configs=configs, models=models)
+    if jobs is None:
+        jobs = suite_jobs(suite, tiny=tiny, configs=configs, models=models)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = os.getloadavg()
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ def derive(result: dict[str, Any]) -> None:
     stream = next((r for r in rows if r["task"] == "stream" and "error" not in r), None)
     bw = stream["bandwidth_gbs"]["read"] if stream else None
     result["bandwidth_gbs"] = stream["bandwidth_gbs"] if stream else None
-    lengths = sorted({T for r in rows for T in r.get("prefill", {})}, key=int)
+    lengths = sorted({T for r in rows for T in _prefill(r)}, key=int)
     metrics = {"lm": [("decode_tok_s", HIGHER), ("prefill_s", LOWER), ("decode_peak_rss_mib", LOWER)]
                + [(f"prefill.{T}.{k}", LOWER) for T in lengths for k in ("s", "peak_rss_mib")],
                "encoder": [("latency_s", LOWER), ("peak_rss_mib", LOWER)]}
@@ -68,6 +68,12 @@ def derive(result: dict[str, Any]) -> None:
                     r["derived"]["ceiling_fraction"] = _round(tok / ceil) if tok else None
 
 
+def _prefill(r: dict[str, Any]) -> dict[str, Any]:
+    """The row's prefill results by length (absent when the row failed before measuring)."""
+    p = r.get("prefill")
+    return p if isinstance(p, dict) else {}
+
+
 def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -80,7 +86,7 @@ def _fmt(v: float | None, fmt: str = "{:.3g}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def _cell(r: dict[str, Any], key: str, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
+def _cell(r: dict[str, Any], key: str, fmt: str = "{:.4g}", scale: float = 1.0) -> str:
     v = _get(r, key)
     if v is None:
         err = _cell_error(r, key)
@@ -93,7 +99,7 @@ def _cell(r: dict[str, Any], key: str, fmt: str = "{:.3g}", scale: float = 1.0) 
 
 def _cell_error(r: dict[str, Any], key: str) -> str | None:
     if key.startswith("prefill.") and key.count(".") == 2:
-        entry = r.get("prefill", {}).get(key.split(".")[1], {})
+        entry = _prefill(r).get(key.split(".")[1], {})
         if "error" in entry:
             return "error (see below)"
     return None
@@ -167,7 +173,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [f"Accuracy on {p0['eval_tokens']} held-out tokens (seq 256); top-1 vs fp32 eager argmax; "
                       "greedy: generated tokens equal to fp32 eager's no-cache greedy decode, over every run's "
                       "prompt (in parentheses: mean fraction before the first difference).", ""]
-        pre = sorted({T for r in group for T in r.get("prefill", {})}, key=int)
+        pre = sorted({T for r in group for T in _prefill(r)}, key=int)
         if pre:
             lines += [f"## Prefill: `{model}`, batch 1", ""]
             pcols: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
@@ -194,7 +200,7 @@ def markdown(result: dict[str, Any]) -> str:
             "", f"Cosine similarity of mean-pooled sentence embeddings vs fp32 eager on "
                 f"{e0.get('sentences', '?')} sentences (models/data/sentences.txt).", ""]
     errors = [(r, r["error"]) for r in rows if "error" in r]
-    errors += [(r, f"prefill T={T}: {e['error']}") for r in rows for T, e in r.get("prefill", {}).items()
+    errors += [(r, f"prefill T={T}: {e['error']}") for r in rows for T, e in _prefill(r).items()
                if isinstance(e, dict) and "error" in e]
     if errors:
         lines += ["## Errors (exact messages)", ""]

@@ -198,7 +198,7 @@ def run_lm(job: dict[str, Any], ctx_tmp: Path) -> dict[str, Any]:
 
     # prefill at longer prompts: a cache of exactly T positions, first call, then steady calls
     res["prefill"] = {}
-    for T in job.get("prefill", []):
+    for T in job.get("prefill_lengths", []):
         entry: dict[str, Any] = {}
         res["prefill"][str(T)] = entry
         try:

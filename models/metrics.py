@@ -168,19 +168,31 @@ def greedy_reference(model: Callable[[torch.Tensor], torch.Tensor], prompt_ids: 
     return out[:, prompt_ids.shape[1]:]
 
 
-@lru_cache(maxsize=4)
-def _split_ids_cached(split: str) -> torch.Tensor:
-    from models.corpus import load_split
+@lru_cache(maxsize=8)
+def _split_ids_cached(split: str, max_tokens: int | None) -> torch.Tensor:
+    from models.corpus import FILE_SEP, load_split
     from models.train_tiny import encode, load_tokenizer
 
-    return encode(load_tokenizer(), load_split(split))
+    text, tok = load_split(split), load_tokenizer()
+    if max_tokens is None:
+        return encode(tok, text)
+    # Encode whole documents only until there are enough tokens: documents are encoded one by one
+    # (`encode`), so the first max_tokens ids are exactly those of encoding the whole split.
+    docs = [FILE_SEP + d for d in text.split(FILE_SEP)[1:]]
+    n, ids = 0, torch.empty(0, dtype=torch.long)
+    while ids.numel() < max_tokens and n < len(docs):
+        chars, start = 0, n
+        while n < len(docs) and chars < 8 * max_tokens:   # ~3.5 characters per token here
+            chars += len(docs[n])
+            n += 1
+        ids = torch.cat([ids, encode(tok, "".join(docs[start:n]))])
+    return ids[:max_tokens]
 
 
 def split_ids(split: str = "heldout", max_tokens: int | None = EVAL_TOKENS) -> torch.Tensor:
     """The first `max_tokens` token ids (all with None) of a corpus split ("train" / "heldout"),
     encoded with the tiny LM's committed tokenizer."""
-    ids = _split_ids_cached(split)
-    return ids if max_tokens is None else ids[:max_tokens]
+    return _split_ids_cached(split, max_tokens)
 
 
 def unigram_perplexity(train_ids: torch.Tensor, heldout_ids: torch.Tensor, vocab: int) -> float:

@@ -341,6 +341,17 @@ def cmd_demo(ns: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from optc.bench import run_bench
+    configs = [c for c in ns.configs.split(",") if c] if ns.configs else None
+    try:
+        run_bench(ns.model, suite=ns.suite, configs=configs, threads=ns.threads, out=ns.out)
+    except ValueError as e:
+        print(f"optc: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="optc", description="optc: optimizing compiler for PyTorch models")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -358,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     dp.add_argument("model", nargs="?", default="zoo:llama-small:seq=128")
     dp.add_argument("--threads", type=int, default=None)
     dp.set_defaults(fn=cmd_demo)
+    bp = sub.add_parser("bench", help="benchmark one model against peers (speed, memory, accuracy)")
+    bp.add_argument("model", help="tiny-lm | minilm | a zoo Llama or BERT name (e.g. tinyllama-1.1b)")
+    bp.add_argument("--suite", choices=("quick", "full"), default="quick")
+    bp.add_argument("--configs", default=None, help="comma-separated configurations (default: all)")
+    bp.add_argument("--threads", type=int, default=2)
+    bp.add_argument("--out", type=Path, default=None, help="results directory (default: benchmarks/results)")
+    bp.set_defaults(fn=cmd_bench)
     ns = ap.parse_args(argv)
     return int(ns.fn(ns))
 
