@@ -22,10 +22,20 @@ The Triton kernels are rendered from ``optc.codegen.templates.quant_gemm``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import sympy
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optc import knobs
+from optc.codegen.generator import (
+    KernelOrigin, arg_list, fill, load_kernel, render, row_offset, sym, texpr,
+)
+from optc.codegen.templates import quant_gemm as T
 from optc.ops.registry import define
 from optc.quant import formats as fmt
 
@@ -55,23 +65,34 @@ def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-def int4_weight_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int) -> Tensor:
-    """The (Np, K) bf16 weight of a tile-64 int4 tensor: ``(q - 8) s + z`` in fp32, rounded."""
-    u = fmt.unpack_int4(w_int4, k)
-    s, z = fmt._group_rows(scales_zeros, group_size)
-    return (u.float().sub_(8).mul_(s).add_(z)).to(BF16)
+def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int) -> Tensor:
+    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``u s + (z - 8 s)``.
+
+    Fastest of the formulations tried (process CPU time, 2048x5632 g128, busy 2-core VM):
+    nibbles into tile order (B, K, 64) uint8 -> bf16 -> one same-dtype ``addcmul`` with
+    contiguous group scales (fp32 inside, one rounding; ``z - 8 s`` is rounded to bf16 first,
+    at most 1/64 of a step off) -> one permute copy to (K, Np): ~2 CPU-ns per weight. Rejected:
+    ``addcmul`` on uint8 (mixed dtypes leave the vectorized loop, ~4x slower), writing the
+    permuted output directly (~1.6x slower), a batched matmul over tiles (~8x slower),
+    ``torch.compile`` of the same code (compile 10-20 s, not faster on this machine).
+    """
+    np_ = w_int4.shape[0]
+    nb, ng = np_ // 64, k // group_size
+    b = w_int4.view(nb, k, 32)
+    u = torch.cat([b & 15, b >> 4], 2).to(BF16)                        # (B, K, 64) = W^T tiles
+    s = scales_zeros[..., 0]                                           # (K/g, Np)
+    zs = (scales_zeros[..., 1].float() - 8 * s.float()).to(BF16)
+    s4, z4 = (t.view(ng, nb, 64).transpose(0, 1).unsqueeze(2).contiguous() for t in (s, zs))
+    # s4, z4: (B, K/g, 1, 64), contiguous so that the output below is too
+    w = torch.addcmul(z4, u.view(nb, ng, group_size, 64), s4)          # (B, K/g, g, 64)
+    return w.view(nb, k, 64).transpose(0, 1).reshape(k, np_)           # (K, Np)
 
 
-def _int8_cpu(x2: Tensor, w: Tensor, scales: Tensor, path: str) -> Tensor:
-    if path == "int8pack":
-        return torch._weight_int8pack_mm(_bf16(x2), w, scales)
-    return F.linear(_bf16(x2), w.to(BF16)).mul_(scales)               # "dequant"
-
-
-def _int4_cpu(x2: Tensor, w: Tensor, sz: Tensor, group_size: int, path: str) -> Tensor:
-    if path == "int4pack":
-        return torch._weight_int4pack_mm_for_cpu(_bf16(x2), w, group_size, sz)
-    return F.linear(_bf16(x2), int4_weight_bf16(w, sz, group_size, x2.shape[1]))  # "dequant"
+def bfp_weight_bf16(mantissa: Tensor, exponent: Tensor, block_size: int) -> Tensor:
+    """m * 2^e as bf16 (exact: |m| <= 127 fits bf16's 8-bit significand)."""
+    n, k = mantissa.shape
+    scale = torch.ldexp(torch.ones((), dtype=BF16), exponent.to(BF16)).view(n, -1, 1)
+    return torch.mul(mantissa.view(n, -1, block_size), scale).view(n, k)
 
 
 def quantize_rows(x2: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,58 +103,115 @@ def quantize_rows(x2: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(xf / sx).clamp_(-127, 127).to(torch.int8), sx
 
 
-def linear_int8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    x2 = _rows(x)
-    n, k = w_int8.shape
-    y = _int8_cpu(x2, w_int8, scales, cpu_path("int8", x2.shape[0], n, k))
-    return _finish(y, x, bias, n)
+# One function per (kind, path): (x2 (M, K) any float dtype, *format tensors, *ints) -> (M, >=n)
+def _int8pack(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    return torch._weight_int8pack_mm(_bf16(x2), w, scales)
 
 
-def linear_int4_cpu(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, bias: Tensor | None,
-                    group_size: int, n: int) -> Tensor:
-    x2 = _rows(x)
-    y = _int4_cpu(x2, w_int4, scales_zeros, group_size,
-                  cpu_path("int4", x2.shape[0], n, x2.shape[1]))
-    return _finish(y, x, bias, n)
+def _int8_dequant(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    return F.linear(_bf16(x2), w.to(BF16)).mul_(scales)   # int8 is exact in bf16; scale after
 
 
-def linear_w8a8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
-    x2 = _rows(x)
+def _int4pack(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    return torch._weight_int4pack_mm_for_cpu(_bf16(x2), w, group_size, sz)
+
+
+def _int4_dequant(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    return torch.mm(_bf16(x2), int4_weight_t_bf16(w, sz, group_size, x2.shape[1]))
+
+
+def _w8a8_int_mm(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     xq, sx = quantize_rows(x2)
-    acc = torch._int_mm(xq, w_int8.t())           # (M, N) int32, exact; (N, K).t() is fastest
-    y = acc.float().mul_(sx).mul_(scales.float())
-    return _finish(y, x, bias, w_int8.shape[0])
+    acc = torch._int_mm(xq, w.t())           # (M, N) int32, exact; the (N, K) .t() is fastest
+    return acc.float().mul_(sx).mul_(scales.float())
 
 
-def bfp_weight_bf16(mantissa: Tensor, exponent: Tensor, block_size: int) -> Tensor:
-    """m * 2^e as bf16 (exact: |m| <= 127 fits bf16's 8-bit significand)."""
-    return torch.ldexp(mantissa.float(), exponent.float().repeat_interleave(block_size, 1)).to(BF16)
+def _bfp_planes(x2: Tensor, w: Tensor, sz: Tensor, index: Tensor, block_size: int) -> Tensor:
+    # one gather permutes x and repeats it once per plane
+    return torch._weight_int4pack_mm_for_cpu(_bf16(x2).index_select(1, index), w, block_size, sz)
 
 
-def linear_bfp_cpu(x: Tensor, w: Tensor, scales: Tensor, index: Tensor, bias: Tensor | None,
-                   block_size: int, planes: int, n: int) -> Tensor:
-    x2 = _bf16(_rows(x)).index_select(1, index)   # permuted (and repeated once per plane)
-    if planes:
-        y = torch._weight_int4pack_mm_for_cpu(x2, w, block_size, scales)
-    else:
-        y = F.linear(x2, bfp_weight_bf16(w, scales, block_size))
-    return _finish(y, x, bias, n)
+def _bfp_planes_dequant(x2: Tensor, w: Tensor, sz: Tensor, index: Tensor, block_size: int
+                        ) -> Tensor:
+    k = x2.shape[1]
+    wt = int4_weight_t_bf16(w, sz, block_size, index.numel())          # (P*K, Np), planes
+    if wt.shape[0] != k:                                               # two planes: 16 h + l
+        wt = wt[:k].add_(wt[k:])                                       # exact: |m| <= 127
+    return torch.mm(_bf16(x2).index_select(1, index[:k]), wt)
 
+
+def _bfp_dequant(x2: Tensor, m: Tensor, e: Tensor, perm: Tensor, block_size: int) -> Tensor:
+    return F.linear(_bf16(x2).index_select(1, perm), bfp_weight_bf16(m, e, block_size))
+
+
+CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
+    "int8": {"int8pack": _int8pack, "dequant": _int8_dequant},
+    "int4": {"int4pack": _int4pack, "dequant": _int4_dequant},
+    "w8a8": {"int_mm": _w8a8_int_mm},
+    "bfp_planes": {"int4pack": _bfp_planes, "dequant": _bfp_planes_dequant},
+    "bfp_blocks": {"dequant": _bfp_dequant},
+}
 
 # Decision table: kind -> ((largest M, path), ...), first match wins; see DECISION_NOTES.
 CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
     "int8": ((1 << 62, "int8pack"),),
     "int4": ((1 << 62, "int4pack"),),
+    "w8a8": ((1 << 62, "int_mm"),),
+    "bfp_planes": ((1 << 62, "int4pack"),),
+    "bfp_blocks": ((1 << 62, "dequant"),),
 }
 DECISION_NOTES = "(filled from benchmarks/quant_kernels.py)"
 
 
-def cpu_path(kind: str, m: int, n: int, k: int) -> str:
+def cpu_path(kind: str, m: int, k: int) -> str:
     """The CPU path for one call: the decision table, then the kernels' shape limits."""
     path = next(p for max_m, p in CPU_PATHS[kind] if m <= max_m)
     if path == "int8pack" and k % 16:
         return "dequant"          # _weight_int8pack_mm reads garbage unless K % 16 == 0
     return path
+
+
+def kind_of(q: fmt.QuantizedWeight) -> str:
+    return "bfp_" + q.layout if q.scheme.mode == "bfp" else q.scheme.mode
+
+
+def run_cpu_path(q: fmt.QuantizedWeight, x: Tensor, bias: Tensor | None,
+                 path: str | None = None) -> Tensor:
+    """The op's CPU computation with an explicit path (benchmarks, tests); None: the table's."""
+    op, names, trailing = fmt.linear_call(q, bias)
+    kind = kind_of(q)
+    x2 = _rows(x)
+    path = path or cpu_path(kind, x2.shape[0], x2.shape[1])
+    ints = trailing[:1] if kind in ("int4", "bfp_planes", "bfp_blocks") else ()
+    y = CPU_IMPLS[kind][path](x2, *[q.tensors[n] for n in names], *ints)
+    return _finish(y, x, bias, q.shape[0])
+
+
+def linear_int8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    x2 = _rows(x)
+    y = CPU_IMPLS["int8"][cpu_path("int8", x2.shape[0], x2.shape[1])](x2, w_int8, scales)
+    return _finish(y, x, bias, w_int8.shape[0])
+
+
+def linear_int4_cpu(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                    group_size: int, n: int) -> Tensor:
+    x2 = _rows(x)
+    y = CPU_IMPLS["int4"][cpu_path("int4", x2.shape[0], x2.shape[1])](
+        x2, w_int4, scales_zeros, group_size)
+    return _finish(y, x, bias, n)
+
+
+def linear_w8a8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    x2 = _rows(x)
+    return _finish(_w8a8_int_mm(x2, w_int8, scales), x, bias, w_int8.shape[0])
+
+
+def linear_bfp_cpu(x: Tensor, w: Tensor, scales: Tensor, index: Tensor, bias: Tensor | None,
+                   block_size: int, planes: int, n: int) -> Tensor:
+    x2 = _rows(x)
+    kind = "bfp_planes" if planes else "bfp_blocks"
+    y = CPU_IMPLS[kind][cpu_path(kind, x2.shape[0], x2.shape[1])](x2, w, scales, index, block_size)
+    return _finish(y, x, bias, n)
 
 
 # ---- fake -----------------------------------------------------------------------------------
@@ -160,13 +238,167 @@ def linear_bfp_fake(x: Tensor, w: Tensor, scales: Tensor, index: Tensor, bias: T
     return _out_fake(x, n)
 
 
+# ---- Triton --------------------------------------------------------------------------------
+
+TRITON_KINDS = ("int8", "int4", "w8a8", "bfp")
+
+
+@dataclass(frozen=True)
+class QuantGemmSpec:
+    """One kernel variant: the weight format (bias is a constexpr switch inside)."""
+
+    kind: str   # "int8" | "int4" | "w8a8" | "bfp" (blocks layout)
+
+    def __post_init__(self) -> None:
+        assert self.kind in TRITON_KINDS, self.kind
+
+    @property
+    def name(self) -> str:
+        return f"linear_{self.kind}"
+
+
+# Explicit launch configs per M bucket (no autotune: it does not run under the interpreter,
+# and a fixed table keeps the kernel cache key stable): (largest M, BLOCK_M, BLOCK_N, BLOCK_K,
+# num_warps, num_stages). Decode (M <= 16) uses the smallest tile tl.dot allows, so one M-tile
+# covers the batch and each weight byte is read once; prefill uses large square tiles.
+TRITON_CONFIGS: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (16, 16, 64, 128, 4, 3),
+    (64, 64, 64, 64, 4, 3),
+    (1 << 62, 128, 128, 64, 8, 3),
+)
+
+
+def triton_config(kind: str, m: int, group: int) -> dict[str, int]:
+    _, bm, bn, bk, warps, stages = next(c for c in TRITON_CONFIGS if m <= c[0])
+    if kind == "int4":
+        bk = min(bk, group)        # a K step must stay inside one group
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
+            "num_stages": stages}
+
+
+def _tile(name: str, axis: int) -> sympy.Symbol:
+    """A 1-D index vector broadcast along one axis of a 2-D tile: rm[:, None], rn[None, :]."""
+    return sym(f"{name}[:, None]" if axis == 0 else f"{name}[None, :]")
+
+
+@lru_cache(maxsize=None)
+def kernel_source(spec: QuantGemmSpec, origin: KernelOrigin | None = None) -> str:
+    """The generated module for ``spec``; its entry point is ``f"{spec.name}_kernel"``."""
+    origin = origin or KernelOrigin(spec.name, pass_name="(direct call)")
+    rm, rn_row = _tile("rm", 0), _tile("rn", 1)
+    rk_row, rk_col = _tile("rk", 1), _tile("rk", 0)
+    k = sym("K")
+    x_offset = texpr(row_offset(rm, sym("stride_xm"), rk_row))
+    w_rowmajor = texpr(row_offset(rn_row, k, rk_col))            # (N, K) weight, (K, N) tile
+    load_x = fill(T.LOAD_X, x_offset=x_offset)
+    dims = ["M", "N", "K", "stride_xm", "stride_ym"]
+    if spec.kind == "int8":
+        pointers = ["x_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr"]
+        load_w, epilogue = fill(T.LOAD_W_INT8, w_offset=w_rowmajor), T.EPILOGUE_SCALE
+    elif spec.kind == "w8a8":
+        pointers = ["x_ptr", "sx_ptr", "w_ptr", "s_ptr", "b_ptr", "y_ptr"]
+        load_w, epilogue = fill(T.LOAD_W_INT8, w_offset=w_rowmajor), T.EPILOGUE_W8A8
+    elif spec.kind == "int4":
+        pointers = ["x_ptr", "w_ptr", "sz_ptr", "b_ptr", "y_ptr"]
+        dims.append("stride_sz_g")
+        tile = sympy.floor(rn_row / fmt.TILE_N) * 32 * k + 32 * rk_col + sympy.Mod(rn_row, 32)
+        load_w, epilogue = fill(T.LOAD_W_INT4, w_offset=texpr(tile)), T.EPILOGUE_NONE
+    else:
+        pointers = ["x_ptr", "w_ptr", "e_ptr", "perm_ptr", "b_ptr", "y_ptr"]
+        load_x = fill(T.LOAD_X_PERM, x_offset=texpr(row_offset(rm, sym("stride_xm"),
+                                                                _tile("kp", 1))))
+        e_offset = texpr(rn_row * sympy.floor(k / sym("GROUP")) + sympy.floor(rk_col / sym("GROUP")))
+        load_w = fill(T.LOAD_W_BFP, w_offset=w_rowmajor, e_offset=e_offset)
+        epilogue = T.EPILOGUE_NONE
+    return render("quant_gemm", origin=origin, params=dict(
+        entry=f"{spec.name}_kernel",
+        pointers=arg_list(pointers),
+        dimensions=arg_list(dims),
+        acc_dtype="tl.int32" if spec.kind == "w8a8" else "tl.float32",
+        load_x=load_x,
+        load_w=load_w,
+        dot=T.DOT_INT8 if spec.kind == "w8a8" else T.DOT_FLOAT,
+        epilogue=epilogue,
+        y_offset=texpr(row_offset(rm, sym("stride_ym"), rn_row)),
+    ))
+
+
+def _device_of(*tensors: Tensor | None) -> torch.device:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"optc Triton quantized linear: operands on {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cuda" and not knobs.TRITON_INTERPRET.get():
+        raise ValueError(f"optc Triton quantized linear: needs CUDA tensors, got {device} "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+    return device
+
+
+def launch_quant_gemm(kind: str, x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None,
+                      group: int, n: int, *, config: dict[str, int] | None = None,
+                      origin: KernelOrigin | None = None) -> Tensor:
+    """Check -> allocate -> launch the ``kind`` kernel; ``weights`` in the op's order."""
+    import triton
+
+    device = _device_of(x, bias, *weights)
+    if not x.is_floating_point():
+        raise ValueError(f"optc Triton quantized linear: x must be floating point, got {x.dtype}")
+    x2 = _rows(x)
+    m, k = x2.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=device)
+    if m == 0 or n == 0:
+        return y.view(*x.shape[:-1], n)
+    cfg = dict(config or triton_config(kind, m, group))
+    interp = knobs.TRITON_INTERPRET.get()
+    if kind == "w8a8":
+        xq, sx = quantize_rows(x2)
+        ptrs: list[Tensor] = [xq, sx.reshape(-1).contiguous(), *weights]
+    else:
+        ptrs = [x2, *weights]
+    ptrs += [bias if bias is not None else y, y]
+    dims = [m, n, k, x2.stride(0), y.stride(0)]
+    if kind == "int4":
+        dims.append(weights[1].stride(0))
+    kernel = load_kernel(kernel_source(QuantGemmSpec(kind), origin), f"linear_{kind}_kernel")
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    kernel[grid](*ptrs, *dims, HAS_BIAS=bias is not None,
+                 DOT_FP32=interp or x.dtype == torch.float32, GROUP=group, **cfg)
+    return y.view(*x.shape[:-1], n)
+
+
+def linear_int8_triton(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    return launch_quant_gemm("int8", x, (w_int8, scales), bias, 1, w_int8.shape[0])
+
+
+def linear_int4_triton(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, bias: Tensor | None,
+                       group_size: int, n: int) -> Tensor:
+    return launch_quant_gemm("int4", x, (w_int4, scales_zeros), bias, group_size, n)
+
+
+def linear_w8a8_triton(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
+    return launch_quant_gemm("w8a8", x, (w_int8, scales), bias, 1, w_int8.shape[0])
+
+
+def linear_bfp_triton(x: Tensor, w: Tensor, scales: Tensor, index: Tensor, bias: Tensor | None,
+                      block_size: int, planes: int, n: int) -> Tensor:
+    if planes:
+        raise fmt.QuantFormatError(
+            "optc::linear_bfp on Triton reads the 'blocks' layout; this weight is in the CPU "
+            "'planes' layout: quantize it with layout='blocks' (or on the CUDA device)")
+    return launch_quant_gemm("bfp", x, (w, scales, index), bias, block_size, n)
+
+
 # ---- registration ---------------------------------------------------------------------------
 
-LINEAR_INT8 = define("linear_int8", cpu=linear_int8_cpu, fake=linear_int8_fake, triton=None,
-                     summary="y = x @ (q * s).T + b; int8 weight, per-channel scale")
-LINEAR_INT4 = define("linear_int4", cpu=linear_int4_cpu, fake=linear_int4_fake, triton=None,
-                     summary="y = x @ ((q - 8) s + z).T + b; int4 weight, group scale + zero")
-LINEAR_W8A8 = define("linear_w8a8", cpu=linear_w8a8_cpu, fake=linear_w8a8_fake, triton=None,
-                     summary="y = (q8(x) @ q.T) sx s + b; int8 x int8 -> int32, per-token sx")
-LINEAR_BFP = define("linear_bfp", cpu=linear_bfp_cpu, fake=linear_bfp_fake, triton=None,
-                    summary="y = x[..., perm] @ (m 2^e).T + b; block floating point weight")
+LINEAR_INT8 = define(
+    "linear_int8", cpu=linear_int8_cpu, fake=linear_int8_fake, triton=linear_int8_triton,
+    summary="y = x @ (q * s).T + b; int8 weight, per-channel scale")
+LINEAR_INT4 = define(
+    "linear_int4", cpu=linear_int4_cpu, fake=linear_int4_fake, triton=linear_int4_triton,
+    summary="y = x @ ((q - 8) s + z).T + b; int4 weight, group scale + zero")
+LINEAR_W8A8 = define(
+    "linear_w8a8", cpu=linear_w8a8_cpu, fake=linear_w8a8_fake, triton=linear_w8a8_triton,
+    summary="y = (q8(x) @ q.T) sx s + b; int8 x int8 -> int32, per-token sx")
+LINEAR_BFP = define(
+    "linear_bfp", cpu=linear_bfp_cpu, fake=linear_bfp_fake, triton=linear_bfp_triton,
+    summary="y = x[..., perm] @ (m 2^e).T + b; block floating point weight")
