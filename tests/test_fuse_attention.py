@@ -415,3 +415,23 @@ def test_kernel_inventory_names_pass_and_nodes():
     assert ks["optc.attention"]["count"] == 2
     assert src.startswith("# optc kernel attention\n# pass: fuse_attention\n# nodes: ")
     assert "repeat_interleave" in src.splitlines()[2] and "def attention_fwd_kernel(" in src
+
+
+def test_zoo_llama_kv_cache_prefill_and_decode_fuse():
+    """The static-cache Llama attends over the whole cache with causal[input_pos] (a bool
+    mask) after repeat_interleave of the cache: both graphs fuse, reading the cache itself."""
+    from optc.runtime.generate import generate
+    model = models.build("llama-tiny", seed=4)
+    ids = torch.randint(0, 256, (1, 12))
+    ref = generate(model, ids, 6).tokens
+    compiled = optc.compile(model)
+    assert torch.equal(generate(compiled, ids, 6).tokens, ref)
+    assert len(compiled.report.graphs) == 2                 # prefill (T=12), decode (T=1)
+    for g, tq in zip(compiled.report.graphs, (12, 1)):
+        rec = next(r for r in g.pipeline.records if r.name == "fuse_attention")
+        assert dict(rec.stats) == {"sdpa": 2, "repeat_interleave": 2}
+        for n in (n for n in g.pipeline.gm.graph.nodes if n.target is torch.ops.optc.attention.default):
+            q, k, _, mask, causal, _, group = n.args
+            assert k.target is torch.ops.aten.index_copy_.default       # the cache, un-repeated
+            assert mask.meta["val"].dtype == torch.bool and not causal and group == 2
+            assert tuple(mask.meta["val"].shape) == (1, 1, tq, 18)

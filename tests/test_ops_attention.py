@@ -177,10 +177,10 @@ def test_golden_prefill_source_causal_bool_mask_fp32():
     assert src.splitlines()[:3] == ["# optc kernel attention", "# pass: fuse_attention",
                                     "# nodes: matmul_1, softmax, matmul_2"]
     assert_expected_inline(body, """\
-    kv_end = tl.minimum(t_k, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, kv_end, BLOCK_N):
+    lo, hi = 0, tl.minimum(t_k, (pid_m + 1) * BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + cols0
-        col_ok = cols < t_k
+        col_ok = cols < hi
         kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         s = tl.dot(q, kt, input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units

@@ -203,13 +203,14 @@ def _precision(dot_fp32: bool) -> dict[str, str]:
     return {"cast": "", "dot_args": ""}
 
 
-def _mask_lines(kind: str, offset: str, causal: bool) -> str:
+def _loop(kind: str, offset: str, causal: bool, dot_fp32: bool) -> str:
+    """The shared key loop with its mask lines (causal, bool or additive mask, or none)."""
     lines = [T.CAUSAL] if causal else []
     if kind == "bool":
         lines.append(fill(T.MASK_BOOL, offset=offset))
     elif kind == "add":
         lines.append(fill(T.MASK_ADD, offset=offset))
-    return "\n".join(lines) or "        # no mask"
+    return fill(T.LOOP, mask="\n".join(lines) or "        # no mask", **_precision(dot_fp32))
 
 
 _MASK_STRIDES = "stride_mb, stride_mh, stride_mq, stride_mk,"
@@ -287,9 +288,9 @@ def kernel_source(spec: AttentionSpec, origin: KernelOrigin | None = None) -> st
         entry=spec.entry,
         pointers=", ".join(pointers),
         mask_strides=_MASK_STRIDES if has_mask else "# (no mask)",
-        kv_end=T.KV_END_CAUSAL if spec.causal else T.KV_END,
-        mask=_mask_lines(spec.mask, T.MASK_OFFSET, spec.causal),
-        **_precision(spec.dot_fp32),
+        kv_range=T.KV_RANGE_CAUSAL if spec.causal else T.KV_RANGE,
+        loop=_loop(spec.mask, T.MASK_OFFSET, spec.causal, spec.dot_fp32),
+        cast=_precision(spec.dot_fp32)["cast"],
     ))
 
 
@@ -355,8 +356,8 @@ def decode_kernel_source(spec: DecodeSpec, origin: KernelOrigin | None = None) -
         pointers=", ".join(pointers),
         mask_strides=_MASK_STRIDES if has_mask else "# (no mask)",
         kv_len=TD.KV_LEN_SEQ_LENS if spec.seq_lens else TD.KV_LEN,
-        mask=_mask_lines(spec.mask, TD.MASK_OFFSET, False),
-        **_precision(spec.dot_fp32),
+        loop=_loop(spec.mask, TD.MASK_OFFSET, False, spec.dot_fp32),
+        cast=_precision(spec.dot_fp32)["cast"],
     ))
 
 

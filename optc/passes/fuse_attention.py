@@ -56,6 +56,7 @@ from optc.config import PassConfig
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.remove_noops import _arg  # an argument by schema name, positional or keyword
 
 aten = torch.ops.aten
 _TO = frozenset({aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default})
@@ -99,15 +100,6 @@ def _val(n: object) -> Any:
 
 def _is(n: object, *targets: object) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
-
-
-def _arg(n: fx.Node, name: str, default: object = None) -> object:
-    """An argument by schema name, positional or keyword."""
-    if name in n.kwargs:
-        return n.kwargs[name]
-    names = [a.name for a in n.target._schema.arguments]
-    i = names.index(name) if name in names else -1
-    return n.args[i] if 0 <= i < len(n.args) else default
 
 
 def _scalar(c: object) -> bool:

@@ -11,7 +11,7 @@ units (``qk_scale = scale * log2(e)``) so that ``exp2`` replaces ``exp``.
 
 * causal (top-left aligned, SDPA's ``is_causal``): row ``i`` sees keys ``j <= i``, so the key
   loop of a query block stops at ``(pid_m + 1) * BLOCK_M``: blocks above the diagonal are
-  skipped, not computed and masked (``${kv_end}``).
+  skipped, not computed and masked (``${kv_range}``).
 * GQA: query head ``h`` reads K/V head ``h // kv_group`` through the K/V strides; a repeated
   K/V tensor is never materialized.
 * masked tails: rows past ``t_q``, keys past ``t_k`` and lanes past ``head_dim`` (``BLOCK_D``
@@ -71,10 +71,30 @@ def ${entry}(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-${kv_end}
-    for start_n in range(0, kv_end, BLOCK_N):
+${kv_range}
+${loop}
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: 0, as ATen's flash
+    o_base = out_ptr + b * stride_ob + h * stride_oh
+    tl.store(o_base + rows[:, None] * stride_ot + d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    # natural log (m_i is in log2 units); -inf for a row with no visible key
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i * 0.6931471805599453 + tl.log(l_i))
+    tl.store(lse_ptr + pid_bh * t_q + rows, lse, mask=row_ok)
+'''
+
+KV_RANGE = '''\
+    lo, hi = 0, t_k'''
+
+# Causal block skipping: keys past this query block's last row are never visible.
+KV_RANGE_CAUSAL = '''\
+    lo, hi = 0, tl.minimum(t_k, (pid_m + 1) * BLOCK_M)'''
+
+# The FlashAttention-2 inner loop over keys [lo, hi), shared with attention_decode: one block
+# of scores, masked, then the online-softmax update of (m_i, l_i, acc).
+LOOP = '''\
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + cols0
-        col_ok = cols < t_k
+        col_ok = cols < hi
         kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
                      mask=d_ok[:, None] & col_ok[None, :], other=0.0)${cast}
         s = tl.dot(q, kt${dot_args}) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
@@ -89,22 +109,7 @@ ${mask}
         v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)${cast}
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_args})
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no visible key: 0, as ATen's flash
-    o_base = out_ptr + b * stride_ob + h * stride_oh
-    tl.store(o_base + rows[:, None] * stride_ot + d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    # natural log (m_i is in log2 units); -inf for a row with no visible key
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i * 0.6931471805599453 + tl.log(l_i))
-    tl.store(lse_ptr + pid_bh * t_q + rows, lse, mask=row_ok)
-'''
-
-KV_END = '''\
-    kv_end = t_k'''
-
-# Causal block skipping: keys past this query block's last row are never visible.
-KV_END_CAUSAL = '''\
-    kv_end = tl.minimum(t_k, (pid_m + 1) * BLOCK_M)'''
+        m_i = m_new'''
 
 CAUSAL = '''\
         keep = keep & (cols[None, :] <= rows[:, None])'''

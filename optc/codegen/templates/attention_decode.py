@@ -17,7 +17,8 @@ the same bool/additive mask as the prefill kernel's, broadcast through its strid
 
 Partial results are fp32: ``part_out`` (B, H, t_q, n_splits, head_dim) and ``part_lse``
 (B, H, t_q, n_splits). A chunk with no visible key stores out = 0 and lse = -inf, which the
-merge weights by exp(-inf) = 0. Precision and masking as in ``attention.py``.
+merge weights by exp(-inf) = 0. The key loop is ``attention.LOOP``, FlashAttention-2's; precision
+and masking as there.
 """
 
 KERNEL = '''\
@@ -64,24 +65,7 @@ ${kv_len}
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + cols0
-        col_ok = cols < hi
-        kt = tl.load(k_base + cols[None, :] * stride_kt + d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)${cast}
-        s = tl.dot(q, kt${dot_args}) * qk_scale  # (BLOCK_M, BLOCK_N) scores, log2 units
-        keep = row_ok[:, None] & col_ok[None, :]
-${mask}
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)${cast}
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v${dot_args})
-        m_i = m_new
+${loop}
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty chunk: 0, weighted 0 below
     lse = tl.where(l_i == 0.0, float("-inf"), m_i * 0.6931471805599453 + tl.log(l_i))
     row = ((b * n_kv_heads * kv_group + h) * t_q + rows) * n_splits + split
