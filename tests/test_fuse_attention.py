@@ -435,3 +435,54 @@ def test_zoo_llama_kv_cache_prefill_and_decode_fuse():
             assert k.target is torch.ops.aten.index_copy_.default       # the cache, un-repeated
             assert mask.meta["val"].dtype == torch.bool and not causal and group == 2
             assert tuple(mask.meta["val"].shape) == (1, 1, tq, 18)
+
+
+# ---------------------------------------------------------------- any combination of spellings
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+class Spelled(nn.Module):
+    """Eager attention assembled from independently chosen spellings of each step."""
+
+    def __init__(self, scale_at: str, div: bool, mask: str, upcast: bool, dropout: bool) -> None:
+        super().__init__()
+        self.scale_at, self.div, self.mask, self.upcast, self.dropout = scale_at, div, mask, upcast, dropout
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor:
+        return x / math.sqrt(D) if self.div else x * D**-0.5
+
+    def forward(self, q, k, v, m):
+        kt = k.transpose(-2, -1)
+        q = self._scale(q) if self.scale_at == "q" else q
+        kt = self._scale(kt) if self.scale_at == "k" else kt
+        s = q @ kt
+        s = self._scale(s) if self.scale_at == "scores" else s
+        if self.mask == "add":
+            s = s + m
+        elif self.mask == "fill":
+            s = s.masked_fill(m < -1.5, float("-inf"))
+        elif self.mask == "tril":
+            s = s.masked_fill(torch.tril(torch.ones(T, T)) == 0, float("-inf"))
+        p = s.float().softmax(-1).to(v.dtype) if self.upcast else F.softmax(s, dim=-1)
+        p = F.dropout(p, 0.0) if self.dropout else p
+        return p @ v
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(scale_at=st.sampled_from(["q", "k", "scores"]), div=st.booleans(),
+       mask=st.sampled_from(["none", "add", "fill", "tril"]), upcast=st.booleans(),
+       dropout=st.booleans())
+def test_any_spelling_fuses_and_matches_eager(scale_at, div, mask, upcast, dropout,
+                                              assert_matches_eager):
+    torch._dynamo.reset()    # per example: conftest's reset runs once per test, not per example
+    model = Spelled(scale_at, div, mask, upcast, dropout)
+    m = torch.randn(1, 1, T, T)
+    m[..., 0] = 0.0                                  # key 0 always visible (no empty row)
+    args = (*qkv(), m)
+    _, after, stats = run_pass(model, args)
+    assert stats["eager"] == 1 and "unfused_left" not in stats, stats
+    assert stats.get("scale_div" if div else "scale_mul") == 1
+    assert stats.get({"add": "mask_add", "fill": "mask_fill", "tril": "causal_tril"}.get(mask, "eager")) == 1
+    assert "matmul" not in after and "softmax" not in after
+    compiled_vs_eager(model, args, assert_matches_eager)

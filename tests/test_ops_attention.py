@@ -330,3 +330,20 @@ def test_kernels_on_gpu_match_cpu(dtype):
     tol = {torch.float32: 1e-4, torch.float16: 2**-8, torch.bfloat16: 2**-6}[dtype]
     torch.testing.assert_close(out.cpu().double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(lse.cpu().double(), ref_lse, rtol=1e-4, atol=1e-4)
+
+
+# ---- shape-generic property ------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(B=st.integers(1, 2), hkv=st.integers(1, 2), group=st.integers(1, 3), tq=st.integers(1, 9),
+       tk=st.integers(1, 9), D=st.sampled_from([4, 8, 16]), mask=st.sampled_from([None, "bool", "add"]),
+       causal=st.booleans(), bthd=st.booleans())
+def test_cpu_op_matches_reference_for_any_shape(B, hkv, group, tq, tk, D, mask, causal, bthd):
+    q, k, v, m = make(B=B, H=hkv * group, Hkv=hkv, tq=tq, tk=tk, D=D, mask=mask, bthd=bthd)
+    if m is not None and m.dtype != torch.bool:
+        m = m[:, :1]                                  # (B, 1, 1, Tk): broadcast over heads
+    out = torch.ops.optc.attention(q, k, v, m, causal, 0.7, group)
+    _close(out, reference(q, k, v, m, causal, 0.7, group)[0], torch.float32)
