@@ -117,11 +117,10 @@ def _only_user(n: fx.Node, user: fx.Node) -> None:
 
 
 def _int(s: object) -> int | None:
-    """A size as a Python int, or None when it is symbolic."""
-    try:
-        return int(s)
-    except (TypeError, ValueError, RuntimeError):
-        return None
+    """A size as a Python int, or None when it is symbolic (``int()`` of a SymInt would
+    specialize it to its hint: a scale or group baked from one example shape)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+    return int(s) if isinstance(s, int) or is_concrete_int(s) else None
 
 
 def _dim_is(dim: object, ndim: int, want: int) -> bool:
