@@ -134,3 +134,33 @@ def test_bytes_per_token_counts_torchao_packed_weights():
 def test_stream_reports_bandwidth():
     bw = roofline.stream(gib=1 / 64, threads=1, repeats=1)
     assert set(bw) == {"copy", "triad", "read"} and all(v > 0 for v in bw.values())
+
+
+def test_optc_bench_jobs_for_one_model(capsys):
+    jobs = harness.jobs_for_model("tiny-lm", "quick", configs=["eager-fp32", "optc"])
+    assert [(j.task, j.model, j.config) for j in jobs] == [
+        ("stream", "stream", ""), ("lm", "tiny-lm", "eager-fp32"), ("lm", "tiny-lm", "optc")]
+    small = harness.jobs_for_model("zoo:llama-small", "full")
+    assert {j.config for j in small if j.task == "lm"} == set(config_names("lm"))
+    assert all(j.params["prefill_lengths"] == [512] for j in small if j.task == "lm")   # max_seq_len 1024
+    assert {j.task for j in harness.jobs_for_model("bert-tiny")} == {"stream", "encoder"}
+    from optc.cli import main
+    assert main(["bench", "gpt2-tiny"]) == 2
+    assert "Llama decoders" in capsys.readouterr().err
+
+
+def test_time_budget_turns_unstarted_jobs_into_rows():
+    jobs = harness.suite_jobs("quick", tiny=True, configs=["eager-fp32"])[1:3]
+    rows = harness.run_jobs(jobs, budget_s=1e-3)
+    assert [r["config"] for r in rows] == ["eager-fp32", "eager-fp32"]
+    assert all(r["error"].startswith("not run: the suite's time budget") for r in rows)
+
+
+def test_big_model_weight_file_round_trip(tmp_path):
+    from benchmarks.worker import load_lm, save_lm_weights
+    path = str(tmp_path / "w.safetensors")
+    save_lm_weights("llama-tiny", path)
+    loaded = load_lm({"model": "llama-tiny", "weights": path})
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), models.build("llama-tiny", seed=0)(ids))   # rope tables too
