@@ -137,6 +137,7 @@ def run_lm(job: dict[str, Any], ctx_tmp: Path) -> dict[str, Any]:
                                 perplexity, split_ids, token_agreement)
     from optc.runtime.generate import cache_owner, generate
 
+    started = time.perf_counter()
     res: dict[str, Any] = {}
     model = load_lm(job)
     vocab = model.args.vocab_size
@@ -198,9 +199,19 @@ def run_lm(job: dict[str, Any], ctx_tmp: Path) -> dict[str, Any]:
 
     # prefill at longer prompts: a cache of exactly T positions, first call, then steady calls
     res["prefill"] = {}
+    prev: tuple[int, float] | None = None      # (T, seconds of one steady call) of the last length
     for T in job.get("prefill_lengths", []):
         entry: dict[str, Any] = {}
         res["prefill"][str(T)] = entry
+        if prev is not None:
+            # a configuration too slow to finish in the job's time gets a cell saying so, not a kill
+            # that loses the whole row: estimate linearly in T (attention's T^2 is small at 2048)
+            estimate = prev[1] * T / prev[0] * (job["prefill_repeats"] + 1)
+            left = job.get("time_limit_s", float("inf")) - (time.perf_counter() - started) - 15
+            if estimate > left:
+                entry["error"] = (f"skipped: ~{estimate:.0f} s estimated from T={prev[0]}, "
+                                  f"{max(0, left):.0f} s left in the job")
+                continue
         try:
             ids = (split_ids("heldout", T) % vocab).unsqueeze(0)
             pos = torch.arange(T)
@@ -215,6 +226,7 @@ def run_lm(job: dict[str, Any], ctx_tmp: Path) -> dict[str, Any]:
             entry["first_call_s"] = round(times[0], 3)
             entry["s"] = round(statistics.median(times[1:]), 4)
             entry["peak_rss_mib"] = peak_mib()
+            prev = (T, entry["s"])
         except Exception as e:  # noqa: BLE001 - one failing length is a cell with its error
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
     return res
