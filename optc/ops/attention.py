@@ -82,24 +82,25 @@ from optc.ops.registry import define
 # ---- shapes and checks -----------------------------------------------------------------------
 
 def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_group: int) -> None:
-    """Operands follow the layout contract above; a clear error otherwise."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"optc.attention: {name} must be 4-D (B, H, T, D), got {tuple(t.shape)}")
-    B, H, _, D = q.shape
-    if kv_group < 1 or H != k.shape[1] * kv_group:
-        raise ValueError(f"optc.attention: q has {H} heads but k has {k.shape[1]} and kv_group="
+    """Operands follow the layout contract above; a clear error otherwise. Plain size
+    comparisons: this runs on every call of the CPU path (a few microseconds matter when
+    decoding one token)."""
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
+        raise ValueError(f"optc.attention: q, k, v must be 4-D (B, H, T, D), got "
+                         f"{tuple(qs)}, {tuple(ks)}, {tuple(vs)}")
+    if kv_group < 1 or qs[1] != ks[1] * kv_group:
+        raise ValueError(f"optc.attention: q has {qs[1]} heads but k has {ks[1]} and kv_group="
                          f"{kv_group}; need H = H_kv * kv_group")
-    if k.shape[0] != B or v.shape[0] != B or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] \
-            or k.shape[3] != D:
-        raise ValueError(f"optc.attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit "
-                         f"q {tuple(q.shape)} (want k (B, H_kv, Tk, D), v (B, H_kv, Tk, Dv))")
+    if ks[0] != qs[0] or vs[0] != qs[0] or vs[1] != ks[1] or vs[2] != ks[2] or ks[3] != qs[3]:
+        raise ValueError(f"optc.attention: k {tuple(ks)} / v {tuple(vs)} do not fit "
+                         f"q {tuple(qs)} (want k (B, H_kv, Tk, D), v (B, H_kv, Tk, Dv))")
     if mask is not None:
-        try:
-            torch.broadcast_shapes(mask.shape, (B, H, q.shape[2], k.shape[2]))
-        except RuntimeError:
-            raise ValueError(f"optc.attention: mask {tuple(mask.shape)} does not broadcast to "
-                             f"(B, H, Tq, Tk) = {(B, H, q.shape[2], k.shape[2])}") from None
+        full = (qs[0], qs[1], qs[2], ks[2])
+        ms = mask.shape
+        if len(ms) > 4 or any(m != 1 and m != f for m, f in zip(reversed(ms), reversed(full))):
+            raise ValueError(f"optc.attention: mask {tuple(ms)} does not broadcast to "
+                             f"(B, H, Tq, Tk) = {full}")
 
 
 def causal_pairs(tq: Any, tk: Any) -> Any:
@@ -165,6 +166,10 @@ CPU_PATHS: dict[str, Callable[..., Tensor]] = {"flash": _flash_cpu, "unfused": _
 def attention_cpu(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
                   scale: float, kv_group: int) -> Tensor:
     _check(q, k, v, mask, kv_group)
+    if mask is None or (mask.dtype == torch.bool or mask.dtype == q.dtype) and not causal:
+        # the common cases straight to the kernel: Python overhead counts when decoding
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=scale, enable_gqa=kv_group > 1)
     return _flash_cpu(q, k, v, mask, causal, scale, kv_group)   # fastest everywhere measured
 
 
