@@ -10,16 +10,20 @@ same inputs, interleaved, by process CPU time of one thread (other tenants do no
 with ``--threads 2 --wall`` by wall clock on two threads.
 
 The default run measures, at T = 512, 1024, 2048, 4096 (``--quick``: 512, 1024), fp32 and bf16,
-batch 1, latency (wall clock, 2 threads, min over repeats; CPU time alongside) and peak memory
+batch 1, latency (wall clock, 2 threads or ``--threads N``, min over repeats; process CPU time
+alongside: on a busy machine use ``--threads 1``, where OpenMP workers cannot spin waiting for
+a descheduled peer, and read the CPU times) and peak memory
 (bytes of tensor storage alive at once, ``optc.runtime.peak``; for optc the arena plus what ops
 allocate beyond it):
   * attention alone: nanoGPT-style causal attention written out (q @ k^T * scale, masked_fill
     with an in-graph tril, softmax, @ v; H=8, D=64) run eagerly ("unfused") and through
     ``optc.compile`` ("fused": the pass turns it into one ``optc.attention(causal=True)``);
-  * whole models: zoo ``llama-small`` (8 layers, dim 512, GQA 8/4; its attention is an SDPA
-    call, so eager already runs ATen's fused kernel) and HF GPT-2 with
-    ``attn_implementation="eager"`` (4 layers, dim 512, 8 heads; unfused eager attention), each
-    eager, through optc without ``fuse_attention`` ("optc unfused") and with it ("optc fused").
+  * whole models: zoo ``llama-small`` (8 layers, dim 512, GQA 8/4, max_seq_len 4096) and HF
+    GPT-2 with ``attn_implementation="eager"`` (4 layers, dim 512, 8 heads; unfused eager
+    attention), each eager, through optc without ``fuse_attention`` and through optc (default
+    pipeline). The zoo Llama's attention is an SDPA call, which eager already runs on ATen's
+    fused CPU kernel (with K/V repeated for GQA); its unfused reference is eager with SDPA
+    forced to the math backend (matmul, softmax, matmul).
 It also records the ``fuse_attention`` rule statistics of every HF architecture, both
 attention implementations.
 """
@@ -183,17 +187,28 @@ def _logits(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def _math_sdpa(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with SDPA forced to ATen's math backend: matmul -> softmax -> matmul, unfused."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args, **kwargs)
+    return call
+
+
 def whole_models(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     rows = []
-    unfused_pipeline = tuple(p for p in DEFAULT_PIPELINE if p != "fuse_attention")
+    without = tuple(p for p in DEFAULT_PIPELINE if p != "fuse_attention")
     for name in ("llama-small", "hf-gpt2-eager"):
         for dtype_name, dtype in DTYPES.items():
             model, inputs = _build(name, dtype)
-            variants = {
-                "eager": model,
-                "optc unfused": optc.compile(model, config={"pipeline": list(unfused_pipeline)}),
-                "optc fused": optc.compile(model),
-            }
+            variants: dict[str, Callable[..., Any]] = {"eager": model}
+            if name == "llama-small":     # its SDPA call is ATen's fused kernel in eager
+                variants["eager, SDPA math backend (unfused)"] = _math_sdpa(model)
+            variants["optc without fuse_attention"] = optc.compile(
+                model, config={"pipeline": list(without)})
+            variants["optc"] = optc.compile(model)
             for t in sizes:
                 args, kwargs = inputs(t)
                 with torch.no_grad():
@@ -206,15 +221,17 @@ def whole_models(sizes: tuple[int, ...]) -> list[dict[str, Any]]:
                         for vname, fn in variants.items():
                             times[vname].append(_clock(lambda: fn(*args, **kwargs), 1))
                     ext = module_tensors(model)
-                    peaks = {"eager": measure_peak_bytes(model, *args, external=ext, **kwargs)}
-                    for vname in ("optc unfused", "optc fused"):
-                        peaks[vname] = _optc_peak(variants[vname], args, kwargs)
-                for vname in variants:
+                    peaks = {}
+                    for vname, fn in variants.items():
+                        peaks[vname] = _optc_peak(fn, args, kwargs) \
+                            if isinstance(fn, optc.CompiledModel) else \
+                            measure_peak_bytes(fn, *args, external=ext, **kwargs)
+                for vname, fn in variants.items():
                     rows.append({"what": name, "dtype": dtype_name, "T": t, "variant": vname,
                                  "wall_s": min(w for w, _ in times[vname]),
                                  "cpu_s": min(c for _, c in times[vname]),
                                  "peak_bytes": peaks[vname], "max_abs_diff": errs[vname],
-                                 "rules": _stats(variants[vname]) if vname != "eager" else {}})
+                                 "rules": _stats(fn) if isinstance(fn, optc.CompiledModel) else {}})
                     print(json.dumps(rows[-1]), flush=True)
             del variants, model
             torch._dynamo.reset()
@@ -247,9 +264,12 @@ def _mib(n: int) -> str:
 def markdown(rows: list[dict[str, Any]], rules: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [f"# Attention fusion: prefill latency and peak memory ({meta['machine']})", "",
            f"Command: `{meta['command']}`. {meta['note']}", "",
-           "Latency: wall clock, min over repeats, 2 threads (CPU time in parentheses). Peak: MiB "
-           "of tensor storage alive at once (optc: arena + op allocations). Speedup = "
-           "unfused / fused wall time.", ""]
+           f"Latency: wall clock, min over repeats, {meta['threads']} thread(s) (process CPU time in "
+           "parentheses). Peak: MiB "
+           "of tensor storage alive at once (optc: arena + op allocations). Speedup = the "
+           "unfused reference / fused (optc) wall time; the unfused reference is the eager "
+           "attention (attention alone), eager with SDPA's math backend (llama-small, whose "
+           "eager SDPA call already runs ATen's fused kernel), and eager (HF GPT-2 eager).", ""]
     for what in dict.fromkeys(r["what"] for r in rows):
         sub = [r for r in rows if r["what"] == what]
         variants = list(dict.fromkeys(r["variant"] for r in sub))
@@ -262,8 +282,9 @@ def markdown(rows: list[dict[str, Any]], rules: list[dict[str, Any]], meta: dict
                 cells = {r["variant"]: r for r in sub if r["dtype"] == dtype and r["T"] == t}
                 if not cells:
                     continue
-                fused = cells["fused" if "fused" in cells else "optc fused"]
-                slow = cells["unfused" if "unfused" in cells else "optc unfused"]
+                fused = cells["fused" if "fused" in cells else "optc"]
+                slow = cells[next(v for v in ("unfused", "eager, SDPA math backend (unfused)",
+                                              "eager") if v in cells)]
                 out.append(
                     f"| {dtype} | {t} | "
                     + " | ".join(f"{cells[v]['wall_s'] * 1e3:.1f} ({cells[v]['cpu_s'] * 1e3:.0f})"
@@ -284,22 +305,24 @@ def markdown(rows: list[dict[str, Any]], rules: list[dict[str, Any]], meta: dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-paths", action="store_true", help="time the CPU implementations")
-    ap.add_argument("--threads", type=int, default=1, help="--cpu-paths: torch threads")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: 1 for --cpu-paths, 2 otherwise)")
     ap.add_argument("--wall", action="store_true", help="--cpu-paths: wall clock, not CPU time")
     ap.add_argument("--quick", action="store_true", help="T = 512, 1024 only")
     ap.add_argument("--note", default="", help="free text for the report (e.g. machine busy)")
     ns = ap.parse_args(argv)
     if ns.cpu_paths:
-        rows = cpu_paths((16, 64, 128, 256, 512, 1024, 2048), ns.threads, ns.wall)
+        rows = cpu_paths((16, 64, 128, 256, 512, 1024, 2048), ns.threads or 1, ns.wall)
         print(cpu_table_text(rows))
         return 0
-    torch.set_num_threads(2)
+    torch.set_num_threads(ns.threads or 2)
     sizes = (512, 1024) if ns.quick else (512, 1024, 2048, 4096)
     rows = attention_alone(sizes) + whole_models(sizes)
     rules = rule_stats()
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-                       f"{torch.__version__}",
-            "command": "python -m benchmarks.attention" + (" --quick" if ns.quick else ""),
+                       f"{torch.__version__}", "threads": torch.get_num_threads(),
+            "command": "python -m benchmarks.attention" + (" --quick" if ns.quick else "")
+                       + (f" --threads {ns.threads}" if ns.threads else ""),
             "note": ns.note}
     RESULTS.mkdir(exist_ok=True)
     stem = "attention_quick" if ns.quick else "attention"
