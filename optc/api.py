@@ -112,8 +112,11 @@ def _resolve_config(config: CompileConfig | dict | None) -> CompileConfig:
 
 
 def optimize_graph(captured: Captured, cfg: CompileConfig, report: GraphReport,
-                   record_graphs: bool = False) -> Program:
-    """Passes + lowering for one canonical graph."""
+                   record_graphs: bool = False, quant: Any = None) -> Program:
+    """Passes + lowering for one canonical graph. ``quant``: the model's ``QuantStore``
+    (calibration statistics, quantized weights shared by its graphs), for quantize_weights."""
+    if quant is not None:
+        captured.gm.meta["optc_quant"] = quant
     pipeline = cfg.pipeline if cfg.pipeline is not None else DEFAULT_PIPELINE
     t0 = time.perf_counter()
     result = PassManager(PASSES, pipeline).run(captured.gm, cfg, record_graphs=record_graphs)
@@ -134,8 +137,9 @@ class _DynamoGraph:
     """What the backend returns to Dynamo for one graph: runs the Program, or eager when it must."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], cfg: CompileConfig,
-                 report: GraphReport, record_graphs: bool = False):
+                 report: GraphReport, record_graphs: bool = False, quant: Any = None):
         self.eager = gm.forward
+        self.quant = quant
         self.report = report
         self.cfg = cfg
         self.gm = gm
@@ -160,7 +164,7 @@ class _DynamoGraph:
         self.report.capture_s = time.perf_counter() - t0
         self.report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
         self.report.canon_stats = dict(cap.canon_stats)
-        program = optimize_graph(cap, self.cfg, self.report, self.record_graphs)
+        program = optimize_graph(cap, self.cfg, self.report, self.record_graphs, self.quant)
         self._layout = cap.layout
         key = self._key(inputs, cap)
         self.variants[key] = (cap, program)
@@ -238,7 +242,7 @@ def _fast_guards_restore() -> None:
 def optc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
                  config: CompileConfig | dict | None = None,
                  sink: list[GraphReport] | None = None, record_graphs: bool = False,
-                 fast_guards: bool = False) -> Callable:
+                 fast_guards: bool = False, quant: Any = None) -> Callable:
     """The Dynamo backend (``torch.compile(model, backend="optc")``, via the entry point).
 
     ``fast_guards`` (set by ``optc.compile``): build this graph's guards with Dynamo's
@@ -250,16 +254,17 @@ def optc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *,
     (sink if sink is not None else _BACKEND_REPORTS).append(report)
     if sink is None:
         del _BACKEND_REPORTS[:-64]
-    return _DynamoGraph(gm, example_inputs, cfg, report, record_graphs)
+    return _DynamoGraph(gm, example_inputs, cfg, report, record_graphs, quant)
 
 
 class CompiledModel(torch.nn.Module):
     """A compiled model: called like the original (args and kwargs); ``.report`` says what ran."""
 
     def __init__(self, model: torch.nn.Module, cfg: CompileConfig, inference: bool = True,
-                 record_graphs: bool = False):
+                 record_graphs: bool = False, quant: Any = None):
         super().__init__()
         self.record_graphs = record_graphs
+        self.quant = quant          # optc.quant.serialize.QuantStore, or None
         self.model = model
         self.config = cfg
         self.inference = inference
@@ -267,7 +272,8 @@ class CompiledModel(torch.nn.Module):
         if cfg.frontend == "dynamo":
             _raise_recompile_limit()
             backend = functools.partial(optc_backend, config=cfg, sink=self.report.graphs,
-                                        record_graphs=record_graphs, fast_guards=cfg.fast_guards)
+                                        record_graphs=record_graphs, fast_guards=cfg.fast_guards,
+                                        quant=quant)
             self._compiled: Callable = torch.compile(model, backend=backend)
         else:
             self._compiled = self._call_captured
@@ -286,7 +292,7 @@ class CompiledModel(torch.nn.Module):
         report.canon_stats = dict(cap.canon_stats)
         report.nodes_captured = sum(1 for n in cap.gm.graph.nodes if n.op == "call_function")
         self.report.graphs.append(report)
-        return cap, optimize_graph(cap, self.config, report, self.record_graphs), report
+        return cap, optimize_graph(cap, self.config, report, self.record_graphs, self.quant), report
 
     def _call_captured(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -327,6 +333,15 @@ class CompiledModel(torch.nn.Module):
         if breaks != (before or {}):            # Dynamo compiled (and broke a graph) in this call
             self.report.graph_breaks.update(Counter(breaks) - Counter(before or {}))
         return out
+
+    def save_quantized(self, path: str) -> None:
+        """Write the quantized weights (and AWQ's results) to directory ``path``; reload them with
+        ``optc.compile(model, quantized=path)``. See ``optc.quant.serialize``."""
+        from optc.config import ConfigError
+        from optc.quant.serialize import save
+        if self.quant is None:
+            raise ConfigError("save_quantized: this model was compiled without quantize_weights")
+        save(self.quant, self.config, path)
 
     def measure_memory(self, *args: Any, **kwargs: Any) -> dict[str, int]:
         """Arena bytes and the peak of what ops allocate beyond it, for this input.
@@ -379,7 +394,8 @@ def _raise_recompile_limit() -> None:
 
 def compile(model: torch.nn.Module, *, config: CompileConfig | dict | None = None,
             example_inputs: tuple | tuple[tuple, dict] | None = None,
-            inference: bool = True, record_graphs: bool = False) -> CompiledModel:
+            inference: bool = True, record_graphs: bool = False, calibration: Any = None,
+            quantized: str | None = None) -> CompiledModel:
     """Compile ``model``; returns a module called exactly like it.
 
     ``example_inputs``: ``(args, kwargs)`` or a tuple of positional args. With it, compilation
@@ -387,12 +403,19 @@ def compile(model: torch.nn.Module, *, config: CompileConfig | dict | None = Non
     frontends capture on the first call either way. ``inference=True`` runs calls under
     ``torch.no_grad()`` (optc optimizes inference; under autograd the original graph runs).
     ``record_graphs`` keeps the printed graph after each pass that changed it (for inspection).
+    ``calibration``: an iterable of model inputs, run eagerly now to collect the statistics
+    AWQ needs (quantize_weights); ``quantized``: a directory written by
+    ``CompiledModel.save_quantized`` to reuse (``config=None`` takes the config saved there).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optc.compile expects a torch.nn.Module, got {type(model).__name__}; "
                         "wrap a function in an nn.Module or use torch.compile(fn, backend='optc')")
-    cfg = _resolve_config(config)
-    compiled = CompiledModel(model, cfg, inference=inference, record_graphs=record_graphs)
+    from optc.quant.serialize import open_store   # quantize_weights: calibration, saved weights
+    cfg, quant = open_store(model, _resolve_config(config) if config is not None else None,
+                            calibration=calibration, quantized=quantized)
+    cfg = _resolve_config(cfg)
+    compiled = CompiledModel(model, cfg, inference=inference, record_graphs=record_graphs,
+                             quant=quant)
     if example_inputs is not None:
         args, kwargs = _split_example(example_inputs)
         compiled(*args, **kwargs)

@@ -56,9 +56,32 @@ def _register(*presets: Preset) -> dict[str, Preset]:
     return out
 
 
+def _quant_presets() -> tuple[Preset, ...]:
+    """quantize_weights after the default pipeline, one scheme for every linear and the lm_head
+    (as torchao's weight-only configs do), fp32 activations."""
+    from optc.passes.pipeline import DEFAULT_PIPELINE
+    from optc.passes.quantize_weights import QuantizeWeightsConfig
+
+    def q(name: str, description: str, mode: str, group: int | None = None, awq: bool = False) -> Preset:
+        qcfg = QuantizeWeightsConfig.uniform(mode, group, awq=awq, lm_head=True)
+        cfg = CompileConfig(pipeline=(*DEFAULT_PIPELINE, "quantize_weights"),
+                            passes={"quantize_weights": qcfg.to_dict()})
+        return Preset(name, description, cfg, lossless=False, needs_calibration=awq)
+    return (
+        q("optc-int8", "int8 weight-only, per output channel (RTN)", "int8"),
+        q("optc-int4-g128", "int4 weight-only, group 128, asymmetric (RTN)", "int4", 128),
+        q("optc-int4-g128-awq", "int4 weight-only, group 128, AWQ scales + clipping", "int4", 128, awq=True),
+        q("optc-int4-g32", "int4 weight-only, group 32 (RTN)", "int4", 32),
+        q("optc-w8a8", "int8 weights x int8 activations (per-token dynamic scales)", "w8a8"),
+        q("optc-bfp", "block floating point: 8-bit mantissas, shared exponent per 32 channels, "
+          "outlier channels reordered", "bfp", 32),
+    )
+
+
 # One table. Passes add their presets here (keep the default first: it is the lossless baseline).
 PRESETS: dict[str, Preset] = _register(
     Preset("optc", "default pipeline: lossless passes only, fp32"),
     Preset("optc-bf16", "default pipeline on the model cast to bf16", dtype=torch.bfloat16,
            lossless=False),
+    *_quant_presets(),
 )
