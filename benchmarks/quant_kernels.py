@@ -11,6 +11,11 @@ For M=1 the bandwidth reached is reported: bytes of the weight format read per c
     flock /tmp/optc-bench.lock .venv/bin/python -m benchmarks.quant_kernels            # full
     .venv/bin/python -m benchmarks.quant_kernels --quick                               # smoke
     ... --shapes 2048x5632,4096x4096 --ms 1,128 --rounds 7 --threads 2
+    .venv/bin/python -m benchmarks.quant_kernels --table [--metric cpu_min_ms]   # from the JSON
+
+``--table`` prints ``CPU_PATHS`` and ``DENSE_RATIOS`` for ``optc/ops/quant.py``: per kind and
+measured M, the path with the smallest geometric-mean time over the TinyLlama-1.1B shapes
+(int4: both group sizes), and that path's speed relative to dense fp32 / bf16 F.linear.
 
 Writes ``benchmarks/results/quant_kernels.json`` (every sample row) and ``.md`` (the tables).
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -141,6 +147,48 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], key: str = "min_m
     return "\n".join(lines) + "\n"
 
 
+KIND_OF_LABEL = {"int8": "int8", "int4-g128": "int4", "int4-g32": "int4", "w8a8": "w8a8",
+                 "bfp8-b32": "bfp_planes", "bfp8-b16": "bfp_blocks"}
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def table(rows: list[dict[str, Any]], metric: str = "min_ms", dtype: str = "fp32") -> str:
+    """The decision table and the dense ratios as Python literals (see the module docstring)."""
+    rows = [r for r in rows if (r["K"], r["N"]) in TINYLLAMA and r["dtype"] == dtype]
+    ms = sorted({r["M"] for r in rows})
+
+    def t(fmt_: str | None, kind: str | None, path: str, m: int) -> float:
+        sel = [r[metric] for r in rows if r["M"] == m and r["path"] == path and
+               (r["format"] == fmt_ if fmt_ else KIND_OF_LABEL.get(r["format"]) == kind)]
+        return _geomean(sel) if sel else math.inf
+
+    paths_out, ratios_out = [], []
+    for kind in dict.fromkeys(KIND_OF_LABEL.values()):
+        paths = sorted({r["path"] for r in rows if KIND_OF_LABEL.get(r["format"]) == kind})
+        best = [(m, min(paths, key=lambda p: t(None, kind, p, m))) for m in ms]
+        buckets: list[tuple[int, str]] = []
+        for m, p in best:
+            if buckets and buckets[-1][1] == p:
+                buckets[-1] = (m, p)
+            else:
+                buckets.append((m, p))
+        buckets[-1] = (1 << 62, buckets[-1][1])
+        paths_out.append(f"    {kind!r}: ({', '.join(f'({b}, {p!r})' for b, p in buckets)},),"
+                         .replace(str(1 << 62), "1 << 62"))
+        rat = []
+        for i, (m, p) in enumerate(best):
+            tp = t(None, kind, p, m)
+            bound = "1 << 62" if i == len(best) - 1 else str(m)
+            rat.append(f"({bound}, {t('dense', None, 'fp32', m) / tp:.2f}, "
+                       f"{t('dense', None, 'bf16', m) / tp:.2f})")
+        ratios_out.append(f"    {kind!r}: ({', '.join(rat)},),")
+    return ("CPU_PATHS = {\n" + "\n".join(paths_out) + "\n}\nDENSE_RATIOS = {\n"
+            + "\n".join(ratios_out) + "\n}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=None, help="KxN,... (default: TinyLlama-1.1B + 4096x4096)")
@@ -151,7 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one small shape, M in {1, 64}")
     ap.add_argument("--out", default="benchmarks/results/quant_kernels")
+    ap.add_argument("--table", action="store_true",
+                    help="print CPU_PATHS / DENSE_RATIOS from OUT.json instead of measuring")
+    ap.add_argument("--metric", default="min_ms", choices=("min_ms", "cpu_min_ms"))
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(json.loads(Path(a.out).with_suffix(".json").read_text())["rows"], a.metric))
+        return
     torch.set_num_threads(a.threads)
     shapes = [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")] if a.shapes else SHAPES
     ms = [int(m) for m in a.ms.split(",")] if a.ms else MS

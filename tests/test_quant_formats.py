@@ -295,3 +295,10 @@ def test_linear_call_contract(scheme, layout):
     with pytest.raises(QuantFormatError, match="bias"):
         fmt.linear_call(q, torch.randn(3))
     assert Q.kind_of(q) in Q.CPU_IMPLS
+
+
+@pytest.mark.parametrize("scheme,layout", CASES, ids=IDS)
+def test_fake_quantize_is_dequantize_of_quantize(scheme, layout):
+    w = _weight(96, 256)
+    assert torch.equal(fmt.fake_quantize(w, scheme),
+                       fmt.dequantize(fmt.quantize(w, scheme, layout=layout)))

@@ -54,6 +54,9 @@ def _is_view(t: Any) -> bool:
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
 
+QUANT_LINEAR_OPS = frozenset({"linear_int8", "linear_int4", "linear_w8a8", "linear_bfp"})
+
+
 def _val(a: Any) -> Any:
     return a.meta.get("val") if isinstance(a, fx.Node) else None
 
@@ -71,6 +74,10 @@ def node_cost(n: fx.Node) -> Cost:
     flops: sympy.Expr = sympy.Integer(0)
     if isinstance(t, torch._ops.OpOverload) and t.namespace == "optc" and t._opname == "attention":
         flops = _attention_flops(n)
+    elif isinstance(t, torch._ops.OpOverload) and t.namespace == "optc" \
+            and t._opname in QUANT_LINEAR_OPS and isinstance(out, torch.Tensor):
+        # optc.ops.quant: a GEMM over the dequantized weight; bytes are the packed tensors read
+        flops = 2 * _numel(out) * sympy.sympify(size_expr(tensors_in[0].shape[-1]))
     elif isinstance(out, torch.Tensor):
         if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
                  aten.bmm.default):

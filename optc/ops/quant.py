@@ -65,34 +65,55 @@ def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int) -> Tensor:
-    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``u s + (z - 8 s)``.
+DEQUANT_ROWS = 512   # output channels dequantized at a time: ~1-2 MB of temporaries, cache-resident
 
-    Fastest of the formulations tried (process CPU time, 2048x5632 g128, busy 2-core VM):
-    nibbles into tile order (B, K, 64) uint8 -> bf16 -> one same-dtype ``addcmul`` with
-    contiguous group scales (fp32 inside, one rounding; ``z - 8 s`` is rounded to bf16 first,
-    at most 1/64 of a step off) -> one permute copy to (K, Np): ~2 CPU-ns per weight. Rejected:
-    ``addcmul`` on uint8 (mixed dtypes leave the vectorized loop, ~4x slower), writing the
-    permuted output directly (~1.6x slower), a batched matmul over tiles (~8x slower),
-    ``torch.compile`` of the same code (compile 10-20 s, not faster on this machine).
+
+def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int) -> Tensor:
+    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``(u - 8) s + z``.
+
+    Per chunk of ``DEQUANT_ROWS`` output channels: nibbles into tile order (B, K, 64) uint8,
+    ``u - 8`` by uint8 wrap-around read as int8 -> bf16 (exact) -> one same-dtype ``addcmul``
+    with the stored bf16 scales and zeros (fp32 inside, one rounding, as the reference) -> a
+    copy into the (K, Np) result. (Folding -8 s into the zero and rounding that to bf16 shifts
+    whole groups coherently: 46 dB instead of 55 dB against the reference.) Measured (process CPU time, 2048x5632 g128, 2 threads, busy 2-core VM): 19 ms in
+    chunks of 512 vs 136 ms for the same ops on the whole matrix at once (the temporaries then
+    go through DRAM, and fresh multi-MB buffers page-fault); chunks of 128 were 46 ms. Also
+    rejected: ``addcmul`` on uint8 (mixed dtypes leave the vectorized loop, ~4x slower),
+    ``out=`` into strided views (~20x slower), a batched matmul over tiles (~8x slower),
+    ``torch.compile`` of the same code (10-20 s to compile, not faster here).
     """
     np_ = w_int4.shape[0]
-    nb, ng = np_ // 64, k // group_size
-    b = w_int4.view(nb, k, 32)
-    u = torch.cat([b & 15, b >> 4], 2).to(BF16)                        # (B, K, 64) = W^T tiles
-    s = scales_zeros[..., 0]                                           # (K/g, Np)
-    zs = (scales_zeros[..., 1].float() - 8 * s.float()).to(BF16)
-    s4, z4 = (t.view(ng, nb, 64).transpose(0, 1).unsqueeze(2).contiguous() for t in (s, zs))
-    # s4, z4: (B, K/g, 1, 64), contiguous so that the output below is too
-    w = torch.addcmul(z4, u.view(nb, ng, group_size, 64), s4)          # (B, K/g, g, 64)
-    return w.view(nb, k, 64).transpose(0, 1).reshape(k, np_)           # (K, Np)
+    ng = k // group_size
+    s, z = scales_zeros[..., 0], scales_zeros[..., 1]                 # (K/g, Np) each
+    out = torch.empty(k, np_, dtype=BF16, device=w_int4.device)
+    for n0 in range(0, np_, DEQUANT_ROWS):
+        n1 = min(n0 + DEQUANT_ROWS, np_)
+        nb = (n1 - n0) // 64
+        b = w_int4[n0:n1].view(nb, k, 32)
+        u = torch.cat([b & 15, b >> 4], 2).sub_(8).view(torch.int8).to(BF16)  # W^T tiles
+        s4, z4 = (t[:, n0:n1].reshape(ng, nb, 64).transpose(0, 1).unsqueeze(2).contiguous()
+                  for t in (s, z))                                     # (nb, K/g, 1, 64)
+        w = torch.addcmul(z4, u.view(nb, ng, group_size, 64), s4)      # (nb, K/g, g, 64)
+        out[:, n0:n1].view(k, nb, 64).copy_(w.view(nb, k, 64).transpose(0, 1))
+    return out
 
 
 def bfp_weight_bf16(mantissa: Tensor, exponent: Tensor, block_size: int) -> Tensor:
-    """m * 2^e as bf16 (exact: |m| <= 127 fits bf16's 8-bit significand)."""
+    """m * 2^e as (N, K) bf16, exact (|m| <= 127 fits bf16's 8-bit significand).
+
+    In chunks of ``DEQUANT_ROWS`` rows: an int8 -> bf16 cast (fast, vectorized) and an in-place
+    multiply by the block's power of two (same dtype; a mixed int8 x bf16 multiply is not
+    vectorized), into contiguous row slices of the result.
+    """
     n, k = mantissa.shape
-    scale = torch.ldexp(torch.ones((), dtype=BF16), exponent.to(BF16)).view(n, -1, 1)
-    return torch.mul(mantissa.view(n, -1, block_size), scale).view(n, k)
+    scale = torch.ldexp(torch.ones((), dtype=BF16, device=mantissa.device),
+                        exponent.to(BF16)).unsqueeze(-1)               # (N, K/B, 1)
+    out = torch.empty(n, k, dtype=BF16, device=mantissa.device)
+    for n0 in range(0, n, DEQUANT_ROWS):
+        n1 = min(n0 + DEQUANT_ROWS, n)
+        rows = out[n0:n1].view(n1 - n0, -1, block_size)
+        rows.copy_(mantissa[n0:n1].view(n1 - n0, -1, block_size)).mul_(scale[n0:n1])
+    return out
 
 
 def quantize_rows(x2: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,7 +173,8 @@ CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
     "bfp_blocks": {"dequant": _bfp_dequant},
 }
 
-# Decision table: kind -> ((largest M, path), ...), first match wins; see DECISION_NOTES.
+# Decision table: kind -> ((largest M, path), ...), first match wins. Generated by
+# ``python -m benchmarks.quant_kernels --table`` from its results (see DECISION_NOTES).
 CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
     "int8": ((1 << 62, "int8pack"),),
     "int4": ((1 << 62, "int4pack"),),
@@ -160,7 +182,25 @@ CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
     "bfp_planes": ((1 << 62, "int4pack"),),
     "bfp_blocks": ((1 << 62, "dequant"),),
 }
+# kind -> ((largest M, dense fp32 time / path time, dense bf16 time / path time), ...) for the
+# path CPU_PATHS picks: geometric mean over the TinyLlama-1.1B linear shapes. Below 1: slower
+# than the unquantized linear of that dtype, reported by ``slower_than_dense``.
+DENSE_RATIOS: dict[str, tuple[tuple[int, float, float], ...]] = {
+    kind: ((1 << 62, 1.0, 1.0),) for kind in CPU_PATHS
+}
 DECISION_NOTES = "(filled from benchmarks/quant_kernels.py)"
+
+
+def slower_than_dense(kind: str, m: int, dtype: torch.dtype) -> str | None:
+    """A note when the CPU path for (kind, M) was measured slower than dense ``F.linear`` in
+    ``dtype`` (fp32 models compare with fp32, half-precision ones with bf16), else None."""
+    max_m, r32, r16 = next(r for r in DENSE_RATIOS[kind] if m <= r[0])
+    dense, ratio = ("fp32", r32) if dtype == torch.float32 else ("bf16", r16)
+    if ratio >= 1:
+        return None
+    path = next(p for bound, p in CPU_PATHS[kind] if m <= bound)
+    return (f"{kind} at M={m} ({path} path) runs at {ratio:.2f}x the speed of {dense} "
+            f"F.linear: slower than dense (measured by benchmarks/quant_kernels.py)")
 
 
 def cpu_path(kind: str, m: int, k: int) -> str:

@@ -222,7 +222,8 @@ def _int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return q, s.to(torch.bfloat16)
 
 
-def _int4_groups(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
+def _int4_groups(w: Tensor, g: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(q (N, K) in [0, 15], s (N, K/g), z (N, K/g)), s and z bf16 values held in fp32."""
     n, k = w.shape
     wg = w.view(n, k // g, g)
     lo, hi = wg.amin(-1), wg.amax(-1)                            # (N, K/g)
@@ -230,9 +231,13 @@ def _int4_groups(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
     s = _bf16(torch.where(hi > lo, (hi - lo) / 15, torch.full_like(lo, 2.0 ** -100)))
     z = _bf16(lo + 8 * s)
     q = torch.round((wg - (z - 8 * s)[..., None]) / s[..., None]).clamp_(0, 15).view(n, k)
-    np_ = padded_n(n)
+    return q, s, z
+
+
+def _int4_tensors(q: Tensor, s: Tensor, z: Tensor) -> dict[str, Tensor]:
+    np_ = padded_n(q.shape[0])
     sz = torch.stack([_pad_rows(s, np_).t(), _pad_rows(z, np_).t()], -1)  # (K/g, Np, 2)
-    return pack_int4(q), sz.to(torch.bfloat16).contiguous()
+    return {"w_int4": pack_int4(q), "scales_zeros": sz.to(torch.bfloat16).contiguous()}
 
 
 def _bfp_blocks(w: Tensor, block: int, bits: int) -> tuple[Tensor, Tensor]:
@@ -295,8 +300,7 @@ def quantize(weight: Tensor, scheme: QuantScheme, *, in_scale: Tensor | None = N
         q, s = _int8_per_channel(w)
         tensors = {"w_int8": q, "scales": s}
     elif scheme.mode == "int4":
-        packed, sz = _int4_groups(w, g)
-        tensors = {"w_int4": packed, "scales_zeros": sz}
+        tensors = _int4_tensors(*_int4_groups(w, g))
     else:
         if perm is None:
             perm = torch.arange(k, device=w.device)
@@ -358,9 +362,20 @@ def dequantize(q: QuantizedWeight) -> Tensor:
 
 
 def fake_quantize(weight: Tensor, scheme: QuantScheme) -> Tensor:
-    """``dequantize(quantize(weight, scheme))`` in the weight's dtype (AWQ's search)."""
-    layout = "blocks" if scheme.mode == "bfp" else None
-    return dequantize(quantize(weight, scheme, layout=layout)).to(weight.dtype)
+    """``dequantize(quantize(weight, scheme))`` in the weight's dtype, without packing (AWQ's
+    search calls it once per candidate scale)."""
+    _check_weight(weight, scheme)
+    w, g = weight.detach().float(), scheme.group_size
+    if scheme.mode in ("int8", "w8a8"):
+        q, s = _int8_per_channel(w)
+        out = q.float() * s.float()[:, None]
+    elif scheme.mode == "int4":
+        q, s, z = _int4_groups(w, g)
+        out = ((q.view(w.shape[0], -1, g) - 8) * s[..., None] + z[..., None]).view(w.shape)
+    else:
+        m, e = _bfp_blocks(w, g, scheme.mantissa_bits)
+        out = torch.ldexp(m.float(), e.float().repeat_interleave(g, 1))
+    return out.to(weight.dtype)
 
 
 def sqnr_db(reference: Tensor, approx: Tensor) -> float:
