@@ -66,9 +66,10 @@ def test_inspect_json(capsys: pytest.CaptureFixture):
     assert info["model"] == "zoo:llama-tiny:seq=8" and info["frontend"] == "dynamo"
     (graph,) = info["graphs"]
     assert [p["name"] for p in graph["passes"]] == list(DEFAULT_PIPELINE)
-    noops, fuse = graph["passes"]
+    noops, fuse, attention = graph["passes"]
     assert noops["stats"] == {"to_same_dtype": 12} and noops["rewrites"] == 12
     assert fuse["stats"] == {"rms_norm": 1, "add_rms_norm": 4} and fuse["rewrites"] == 5
+    assert attention["stats"] == {"sdpa": 2, "repeat_interleave": 2}
     for p in graph["passes"]:
         assert p["modified"] and p["error"] is None and p["skipped"] is None
         assert p["nodes_after"] < p["nodes_before"] and p["ms"] >= 0

@@ -199,7 +199,7 @@ first = optc.ops.OPS["add_rms_norm"].op
 for name in [m for m in sys.modules if m.startswith("optc.ops")]:
     del sys.modules[name]
 import optc.ops
-assert sorted(optc.ops.OPS) == ["add_layer_norm", "add_rms_norm", "rms_norm"], optc.ops.OPS
+assert {"add_layer_norm", "add_rms_norm", "rms_norm"} <= set(optc.ops.OPS), optc.ops.OPS
 assert optc.ops.OPS["add_rms_norm"].op is first
 x = torch.randn(2, 8)
 h, y = torch.ops.optc.add_rms_norm(x, x, torch.ones(8), 1e-6)

@@ -119,8 +119,9 @@ def test_records_are_populated(gm: fx.GraphModule):
     before = format_graph(gm)
     res = PassManager(PASSES, DEFAULT_PIPELINE).run(gm, CompileConfig(), record_graphs=True)
     assert res.graph_before == before
-    assert [r.name for r in res.records] == ["remove_noops", "fuse_add_norm"]
-    noops, fuse = res.records
+    assert [r.name for r in res.records] == ["remove_noops", "fuse_add_norm", "fuse_attention"]
+    noops, fuse, attention = res.records
+    assert not attention.modified and attention.stats == Counter()   # no attention in the block
     # 6 call_functions: mul, add, to, layer_norm, linear, add; remove_noops drops mul and to;
     # fuse_add_norm turns add + layer_norm into add_layer_norm + 2 getitems
     assert (noops.nodes_before, noops.nodes_after) == (6, 4)
@@ -129,7 +130,7 @@ def test_records_are_populated(gm: fx.GraphModule):
     assert fuse.stats == Counter({"add_layer_norm": 1})
     assert res.stats() == {"remove_noops": {"arith_identity": 1, "to_same_dtype": 1},
                            "fuse_add_norm": {"add_layer_norm": 1}}
-    for r in res.records:
+    for r in (noops, fuse):
         assert r.modified and r.error is None and r.skipped is None and r.reproducer is None
         assert r.seconds > 0.0  # populated (never compared with a time)
     assert res.modified
@@ -158,7 +159,7 @@ def test_unchanged_pass_keeps_graph(gm: fx.GraphModule):
 def test_optc_disable_skips_a_pass(gm: fx.GraphModule, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("OPTC_DISABLE", "remove_noops")
     res = PassManager(PASSES, DEFAULT_PIPELINE).run(gm, CompileConfig())
-    noops, fuse = res.records
+    noops, fuse = res.records[:2]
     assert noops.skipped == "disabled by OPTC_DISABLE"
     assert not noops.modified and noops.stats == Counter() and noops.nodes_after == noops.nodes_before
     # why the order matters: with the cast still between add and layer_norm, nothing fuses
@@ -303,7 +304,8 @@ def test_bisect_limit_one_on_llama_tiny(monkeypatch: pytest.MonkeyPatch):
     compiled = optc.compile(model, config=CompileConfig(frontend="export"))
     compiled(*args, **kwargs)
     stats = [dict(r.stats) for r in compiled.report.graphs[0].pipeline.records]
-    assert [sum(s.values()) for s in stats] == [1, 0]  # remove_noops: 1 of its 12 rewrites
+    assert [sum(s.values()) for s in stats[:2]] == [1, 0]  # remove_noops: 1 of its 12 rewrites
+    assert stats[2] == {"unfused_left": 2}  # fuse_attention: budget spent, both attentions left
 
 
 def test_logs_by_topic(gm: fx.GraphModule, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
