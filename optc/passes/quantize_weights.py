@@ -16,7 +16,10 @@ into a linear) -> ``y = optc.<op>(x', *quantized tensors, b, ...)`` as
   * BFP with outlier channel reordering (``optc.quant.reorder``): the input-channel
     permutation is folded into the producing linears' output rows where ``x`` is an
     elementwise function of linears used nowhere else (SwiGLU: rows of ``w1`` and ``w3``), else
-    the BFP op gathers ``x[..., perm]`` itself.
+    the BFP op gathers ``x[..., perm]`` itself. (Q1's BFP op gathers in either case — an
+    identity permutation when folded, and its CPU "planes" layout gathers anyway to repeat x
+    per mantissa plane — so the fold saves nothing on CPU yet; it is what a kernel that reads
+    x in order needs.)
 **Source**: AWQ (Lin et al., 2023); "Accurate Block Quantization in LLMs with Outliers"
   (Trukhanov & Soloveychik, 2024); gpt-fast / torchao weight-only quantization.
 **Requires**: canonical graph; calibration statistics in ``gm.meta["optc_quant"]`` (a
@@ -516,12 +519,14 @@ def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None) ->
 
     orig = _originals(gm)
     transposed = {s.weight_param for s in layout.sites if s.transposed}
-    cur: dict[str, Tensor] = {}          # param -> fp32 value in logical (rows = output channels) layout
+    # param -> fp32 value in logical layout (rows = output channels). Never written in place
+    # (folds build new tensors), so an fp32 parameter is used as it is, without a copy.
+    cur: dict[str, Tensor] = {}
 
     def get(p: str) -> Tensor:
         if p not in cur:
             t = orig[p].detach()
-            cur[p] = (t.t() if p in transposed else t).float().contiguous().clone()
+            cur[p] = (t.t() if p in transposed else t).float().contiguous()
         return cur[p]
 
     plan = QuantPlan(layout.signature)
