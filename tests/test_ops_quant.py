@@ -331,4 +331,5 @@ def test_cost_and_inventory_know_the_ops():
     assert evaluate(cost.bytes) == 3 * 256 * 4 + q.nbytes() + 3 * 96 * 4
     (entry,) = kernels_for_graph(gm)
     assert entry["op"] == "optc.linear_int4" and entry["triton"].startswith("generated")
+    assert entry["cpu"].endswith(f"[M=3: {Q.cpu_path('int4', 3, 256)} path]")
     assert entry["source"].startswith("# optc kernel linear_int4")

@@ -45,6 +45,18 @@ TRITON_SOURCES: dict[str, Callable[[str, fx.Node, KernelOrigin], str]] = {
 }
 
 
+def _quant_cpu_note(node: fx.Node) -> str:
+    from optc.ops.quant import describe_cpu_node
+    return describe_cpu_node(node)
+
+
+# op name -> function describing the CPU implementation's choice for one node of that op
+CPU_NOTES: dict[str, Callable[[fx.Node], str]] = {
+    "linear_int8": _quant_cpu_note, "linear_int4": _quant_cpu_note,
+    "linear_w8a8": _quant_cpu_note, "linear_bfp": _quant_cpu_note,
+}
+
+
 def kernels_for_graph(gm: fx.GraphModule) -> list[dict[str, Any]]:
     from optc.ops import get_op_def
     counts: Counter[str] = Counter()
@@ -67,4 +79,6 @@ def kernels_for_graph(gm: fx.GraphModule) -> list[dict[str, Any]]:
             src, triton = None, "none (CPU only)"
         out.append({"op": f"optc.{name}", "count": count,
                     "cpu": f"{d.cpu.__module__}.{d.cpu.__name__}", "triton": triton, "source": src})
+        if name in CPU_NOTES:   # which CPU path runs, and whether it is slower than dense
+            out[-1]["cpu"] += f" [{CPU_NOTES[name](node)}]"
     return out
