@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", type=Path, default=RESULTS_DIR)
     rp.add_argument("--name", default=None, help="file name stem (default: the suite name)")
     rp.add_argument("--note", default="", help="a line printed at the top of the report")
+    rp.add_argument("--budget-min", type=float, default=None,
+                    help="wall-clock budget in minutes (default: quick 9.5, full 58)")
     pp = sub.add_parser("report", help="re-render the .md and .png of a results JSON")
     pp.add_argument("json", type=Path)
     ns = ap.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run_suite(ns.suite, tiny=ns.tiny, configs=_csv(ns.configs), models=_csv(ns.models),
                        threads=ns.threads, out_dir=ns.out, name=ns.name, note=ns.note,
-                       progress=_print_progress, command=command)
+                       progress=_print_progress, command=command,
+                       budget_s=ns.budget_min * 60 if ns.budget_min else None)
     failed = [r for r in result["rows"] if "error" in r]
     print(f"done in {result['wall_s'] / 60:.1f} min: {len(result['rows'])} rows, {len(failed)} failed; "
           f"wrote {ns.out / (ns.name or result['suite'])}.{{json,md,png}}")

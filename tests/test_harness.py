@@ -32,14 +32,14 @@ def test_suites_pick_up_every_config_and_new_presets(monkeypatch):
     assert {j.task for j in jobs if j.config == "optc-test-new"} == {"lm"}
     assert all_configs()["optc-test-new"].kind == "optc"
     quick = harness.suite_jobs("quick", configs=["eager-fp32"], models=["tiny-lm"])
-    assert [(j.task, j.model, j.config) for j in quick] == [("stream", "stream", ""),
-                                                            ("lm", "tiny-lm", "eager-fp32")]
+    assert [(j.task, j.model, j.config) for j in quick] == [
+        ("stream", "stream", "start"), ("lm", "tiny-lm", "eager-fp32"), ("stream", "stream", "end")]
     with pytest.raises(ValueError, match="unknown suite"):
         harness.suite_jobs("huge")
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    keep = {("stream", ""), ("tiny-lm", "eager-fp32"), ("tiny-lm", "optc"), ("llama-tiny", "eager-fp32"),
+    keep = {("stream", "start"), ("tiny-lm", "eager-fp32"), ("tiny-lm", "optc"), ("llama-tiny", "eager-fp32"),
             ("bert-tiny", "eager-fp32")}
     jobs = [j for j in harness.suite_jobs("quick", tiny=True) if (j.model, j.config) in keep]
     llama = next(j for j in jobs if j.model == "llama-tiny")
@@ -50,7 +50,7 @@ def test_tiny_run_end_to_end(tmp_path):
     paths = report.write(result, tmp_path, "test")
     rows = {(r["model"], r["config"]): r for r in json.loads(paths["json"].read_text())["rows"]}
 
-    assert rows[("stream", "")]["bandwidth_gbs"]["read"] > 0
+    assert rows[("stream", "start")]["bandwidth_gbs"]["read"] > 0
     fp32, opt = rows[("tiny-lm", "eager-fp32")], rows[("tiny-lm", "optc")]
     for r in (fp32, opt):
         assert "error" not in r, r.get("traceback")
@@ -139,7 +139,8 @@ def test_stream_reports_bandwidth():
 def test_optc_bench_jobs_for_one_model(capsys):
     jobs = harness.jobs_for_model("tiny-lm", "quick", configs=["eager-fp32", "optc"])
     assert [(j.task, j.model, j.config) for j in jobs] == [
-        ("stream", "stream", ""), ("lm", "tiny-lm", "eager-fp32"), ("lm", "tiny-lm", "optc")]
+        ("stream", "stream", "start"), ("lm", "tiny-lm", "eager-fp32"), ("lm", "tiny-lm", "optc"),
+        ("stream", "stream", "end")]
     small = harness.jobs_for_model("zoo:llama-small", "full")
     assert {j.config for j in small if j.task == "lm"} == set(config_names("lm"))
     assert all(j.params["prefill_lengths"] == [512] for j in small if j.task == "lm")   # max_seq_len 1024
@@ -150,7 +151,7 @@ def test_optc_bench_jobs_for_one_model(capsys):
 
 
 def test_time_budget_turns_unstarted_jobs_into_rows():
-    jobs = harness.suite_jobs("quick", tiny=True, configs=["eager-fp32"])[1:3]
+    jobs = harness.suite_jobs("quick", tiny=True, configs=["eager-fp32"])[1:3]   # 2 LM jobs
     rows = harness.run_jobs(jobs, budget_s=1e-3)
     assert [r["config"] for r in rows] == ["eager-fp32", "eager-fp32"]
     assert all(r["error"].startswith("not run: the suite's time budget") for r in rows)
