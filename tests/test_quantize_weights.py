@@ -426,6 +426,19 @@ def test_calibration_statistics_are_exact():
     assert all((h == r).all(1).any() for r in st.rows)                  # sampled rows are real rows
     assert torch.equal(calib.stats["wk"].rows, st.rows)                 # same input, same sample
     assert set(calib.stats) == {"wq", "wk", "w1", "w3", "w2"}
+    # a dict batch with an attention mask: padding rows are left out
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 8)
+
+        def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+    x, mask = batches[0], torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    st = collect(Masked(), [{"x": x, "attention_mask": mask}]).stats["fc"]
+    assert st.n_rows == 13
+    torch.testing.assert_close(st.abs_mean, x[mask.bool()].abs().mean(0), rtol=1e-6, atol=1e-7)
     with pytest.raises(ConfigError, match="iterable"):
         collect(model, torch.randn(2, 8, 64))
     with pytest.raises(ConfigError, match="empty"):

@@ -11,6 +11,9 @@ before capture makes the statistics independent of the frontend (Dynamo, export,
 symbolic_trace), and a weight tied to another module (GPT-2's lm_head) still gets the inputs
 of the module that uses it.
 
+For a dict batch with a 2-D ``attention_mask``, inputs of shape (B, T, K) keep only the rows
+of real tokens (mask 1): padding would otherwise dilute the per-channel magnitudes.
+
 Row sampling is bottom-k: every row gets a random key from a generator seeded identically in
 every hook, and the ``max_rows`` rows with the smallest keys are kept. That is a uniform sample
 without replacement of the whole stream, and modules that read the same input (q, k, v) keep
@@ -66,8 +69,9 @@ def is_linear_module(m: nn.Module) -> bool:
 
 
 class _Recorder:
-    def __init__(self, in_features: int, max_rows: int, seed: int):
+    def __init__(self, in_features: int, max_rows: int, seed: int, mask: list[Tensor | None]):
         self.k = in_features
+        self.mask = mask           # shared box: the attention mask of the batch being run
         self.max_rows = max_rows
         self.gen = torch.Generator().manual_seed(seed)
         self.sum = torch.zeros(in_features, dtype=torch.float64)
@@ -80,6 +84,9 @@ class _Recorder:
         x = args[0] if args else (kwargs or {}).get("input")
         if not isinstance(x, Tensor) or x.shape[-1] != self.k:
             return
+        mask = self.mask[0]
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(x.device).bool()]                   # padding rows are not activations
         x = x.detach().reshape(-1, self.k).float().cpu()      # (rows, K)
         a = x.abs()
         self.sum += a.sum(0, dtype=torch.float64)
@@ -97,9 +104,14 @@ class _Recorder:
                            self.n)
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def _call(model: nn.Module, batch: Any, mask: list[Tensor | None]) -> None:
     if isinstance(batch, dict):
-        model(**batch)
+        m = batch.get("attention_mask")
+        mask[0] = m if isinstance(m, Tensor) and m.dim() == 2 else None
+        try:
+            model(**batch)
+        finally:
+            mask[0] = None
     elif isinstance(batch, (tuple, list)):
         model(*batch)
     else:
@@ -121,17 +133,18 @@ def collect(model: nn.Module, batches: Iterable[Any], *, max_rows: int = 256, se
         raise ConfigError(f"calibration max_rows must be >= 1, got {max_rows}")
     recorders: dict[str, _Recorder] = {}
     handles = []
+    mask: list[Tensor | None] = [None]
     for name, m in model.named_modules():
         if is_linear_module(m):
             k = m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
-            recorders[name] = rec = _Recorder(k, max_rows, seed)
+            recorders[name] = rec = _Recorder(k, max_rows, seed, mask)
             handles.append(m.register_forward_pre_hook(rec, with_kwargs=True))
     was_training = model.training
     model.eval()
     n = 0
     try:
         for batch in batches:
-            _call(model, batch)
+            _call(model, batch, mask)
             n += 1
     finally:
         for h in handles:
