@@ -224,11 +224,11 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, label in ((axes[0], "perplexity", "held-out perplexity (lower is better)"),
                            (axes[1], "top1_agreement", "top-1 agreement with fp32 eager")):
-        for r in rows:
+        for i, r in enumerate(rows):
             kind = r.get("derived", {}).get("kind", "peer")
             ax.scatter(r["decode_tok_s"], r[key], marker="o" if kind == "optc" else "s",
                        color="tab:red" if kind == "optc" else "tab:blue")
-            ax.annotate(r["config"], (r["decode_tok_s"], r[key]), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(r["config"], (r["decode_tok_s"], r[key]), textcoords="offset points", xytext=(4, 4 - 9 * (i % 3)),
                         fontsize=8)
         ax.set_xlabel("decode tokens/s (batch 1)")
         ax.set_ylabel(label)

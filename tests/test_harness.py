@@ -39,10 +39,10 @@ def test_suites_pick_up_every_config_and_new_presets(monkeypatch):
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    keep = {("stream", "start"), ("tiny-lm", "eager-fp32"), ("tiny-lm", "optc"), ("llama-tiny", "eager-fp32"),
-            ("bert-tiny", "eager-fp32")}
+    keep = {("stream", "start"), ("tiny-lm", "eager-fp32"), ("tiny-lm", "optc"), ("bert-tiny", "eager-fp32")}
     jobs = [j for j in harness.suite_jobs("quick", tiny=True) if (j.model, j.config) in keep]
-    llama = next(j for j in jobs if j.model == "llama-tiny")
+    llama = next(j for j in harness.suite_jobs("quick", tiny=True) if j.model == "llama-tiny")
+    jobs[1].params = {**jobs[1].params, "prefill_lengths": [32, 64]}   # tiny-lm eager-fp32: prefill too
     jobs.append(harness.Job("lm", "llama-tiny", "no-such-config", llama.params, 120))
     result = {"suite": "test", "started": "now", "wall_s": 1.0, "command": "pytest", "note": "",
               "machine": harness.machine_info(2), "load_average": {"before": [0], "after": [0]},
@@ -64,7 +64,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert 10 < fp32["perplexity"] < 100                      # the trained model, not noise (vocab 4096)
     assert opt["graphs_first_call"] == 2                      # one prefill graph, one decode graph
     assert opt["bytes_per_token"] == fp32["bytes_per_token"]  # same tensors read
-    pre = rows[("llama-tiny", "eager-fp32")]["prefill"]
+    pre = fp32["prefill"]
     assert set(pre) == {"32", "64"} and all(e["s"] > 0 and e["peak_rss_mib"] > 0 for e in pre.values())
     enc = rows[("bert-tiny", "eager-fp32")]
     assert enc["cosine_min"] == pytest.approx(1.0, abs=1e-6) and enc["latency_s"] > 0
@@ -72,7 +72,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert "unknown configuration 'no-such-config'" in bad["error"]
 
     md = paths["md"].read_text()
-    assert "## Decode: `tiny-lm`" in md and "## Prefill: `llama-tiny`" in md and "## Encoder" in md
+    assert "## Decode: `tiny-lm`" in md and "## Prefill: `tiny-lm`" in md and "## Encoder" in md
     assert "no-such-config" in md.split("## Errors")[1]
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
