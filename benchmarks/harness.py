@@ -7,10 +7,9 @@ Suites (``tiny`` shrinks every shape so the harness itself can be tested in seco
   full   roofline; the trained tiny LM (decode + accuracy) and the TinyLlama-1.1B shape (random
          weights: decode, prefill at T=512 and 2048) under every LM configuration; all-MiniLM-L6-v2
          (batch 32 x 128, cosine vs fp32) under every encoder configuration
-  quick  roofline; the tiny LM under every LM configuration but the three slowest to compile
-         (inductor-fp32, torchao-int8/int4-inductor); TinyLlama-1.1B decode and T=512 prefill for
-         eager fp32/bf16 and the default optc preset; MiniLM under eager fp32/bf16, optc and ONNX
-         Runtime; fewer repeats
+  quick  roofline; the tiny LM under every configuration without Inductor (cold compiles take
+         1-2 min each); MiniLM under eager fp32, optc and ONNX Runtime; TinyLlama-1.1B decode and
+         T=512 prefill for eager fp32 and the default optc preset; one steady run per row
 
 Each job runs ``python -m benchmarks.worker`` with fresh Inductor and optc cache directories (so
 "compile" is a cold compile every time) and a timeout; a job that fails, crashes or times out is a
@@ -79,15 +78,15 @@ def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = No
         jobs += [Job("encoder", "bert-tiny", c, {**_ENC, "batch": 4, "seq": 16, "repeats": 2}, 300)
                  for c in enc_all]
     elif quick:
-        # Cold Inductor compiles take 1-2 min each here: quick keeps one compiled peer (bf16).
-        slow = ("inductor-fp32", "torchao-int8-inductor", "torchao-int4-inductor")
-        big = ["eager-fp32", "eager-bf16", "optc"]
+        # Sized from the full run's per-job times on the busy 2-core VM (~9.5 min there): no
+        # Inductor peers (a cold compile is 1-2 min each), one steady run per row, TinyLlama-1.1B
+        # for eager fp32 and the default optc preset only.
         jobs = [Job("stream", "stream", "start", {"gib": 1.0, "repeats": 3}, 300)]
-        jobs += _lm_jobs("tiny-lm", [c for c in lm_all if c not in slow], 600, repeats=2, accuracy=True)
-        jobs += _lm_jobs("tinyllama-1.1b", [c for c in lm_all if c in big], 900, repeats=1,
+        jobs += _lm_jobs("tiny-lm", [c for c in lm_all if "inductor" not in c], 300, repeats=1, accuracy=True)
+        jobs += [Job("encoder", "minilm", c, {**_ENC, "repeats": 3}, 300)
+                 for c in enc_all if c in ("eager-fp32", "optc", "onnxruntime")]
+        jobs += _lm_jobs("tinyllama-1.1b", [c for c in lm_all if c in ("eager-fp32", "optc")], 300, repeats=1,
                          prefill_lengths=[512], prefill_repeats=1)
-        jobs += [Job("encoder", "minilm", c, {**_ENC, "repeats": 3}, 600)
-                 for c in enc_all if c in ("eager-fp32", "eager-bf16", "optc", "onnxruntime")]
     else:
         # Accuracy rows first, TinyLlama (the slowest) last: if the budget runs out, what is lost
         # is the end of the TinyLlama table (peers come before presets).
