@@ -7,6 +7,9 @@ fp32 / bf16 ``F.linear`` are timed on the same random weight (N(0, 0.02)), inter
 by round so machine noise hits all rows alike; min and median over rounds. Activations are
 fp32 unless ``--dtypes`` says otherwise (the paths cast to bf16 inside; that cast is timed).
 For M=1 the bandwidth reached is reported: bytes of the weight format read per call / time.
+Caveat: one weight is called over and over, so a weight that fits the 32 MB L3 (2048->256:
+2 MB fp32) is read from cache, not DRAM, unlike in a model whose layers evict each other;
+the large shapes (>= 23 MB in bf16) are DRAM-bound as in a model.
 
     flock /tmp/optc-bench.lock .venv/bin/python -m benchmarks.quant_kernels            # full
     .venv/bin/python -m benchmarks.quant_kernels --quick                               # smoke
@@ -14,8 +17,9 @@ For M=1 the bandwidth reached is reported: bytes of the weight format read per c
     .venv/bin/python -m benchmarks.quant_kernels --table [--metric cpu_min_ms]   # from the JSON
 
 ``--table`` prints ``CPU_PATHS`` and ``DENSE_RATIOS`` for ``optc/ops/quant.py``: per kind and
-measured M, the path with the smallest geometric-mean time over the TinyLlama-1.1B shapes
-(int4: both group sizes), and that path's speed relative to dense fp32 / bf16 F.linear.
+measured M, the path with the highest median speed relative to dense bf16 over the
+TinyLlama-1.1B shapes (int4: both group sizes), and that path's median speed relative to
+dense fp32 / bf16 F.linear.
 
 Writes ``benchmarks/results/quant_kernels.json`` (every sample row) and ``.md`` (the tables).
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import statistics
 import time
@@ -115,6 +119,8 @@ def run(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], rounds:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], key: str = "min_ms") -> str:
     lines = [f"# Quantized linear CPU paths ({meta['when']}, {meta['threads']} threads, "
              f"torch {meta['torch']}, {meta['machine']})", "",
+             f"Load average at the end of the run: {meta.get('load_avg')}. "
+             f"{meta.get('note', '')}", "",
              f"`{key}`: minimum over interleaved rounds of the wall time (`min_ms`) or of the "
              "process CPU time (`cpu_min_ms`, both threads summed), per call; `xfp32` / `xbf16` = "
              "dense time / path time (> 1: faster than dense); GB/s = weight bytes read per "
@@ -151,24 +157,28 @@ KIND_OF_LABEL = {"int8": "int8", "int4-g128": "int4", "int4-g32": "int4", "w8a8"
                  "bfp8-b32": "bfp_planes", "bfp8-b16": "bfp_blocks"}
 
 
-def _geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
-
-
 def table(rows: list[dict[str, Any]], metric: str = "min_ms", dtype: str = "fp32") -> str:
-    """The decision table and the dense ratios as Python literals (see the module docstring)."""
+    """The decision table and the dense ratios as Python literals (see the module docstring).
+
+    Per (kind, M) and path: the speed relative to dense per TinyLlama shape (dense time / path
+    time), then the median over the shapes, which one disturbed shape on a shared machine
+    cannot move much; the path with the highest median bf16 ratio wins.
+    """
     rows = [r for r in rows if (r["K"], r["N"]) in TINYLLAMA and r["dtype"] == dtype]
     ms = sorted({r["M"] for r in rows})
+    dense = {(r["K"], r["N"], r["M"], r["path"]): r[metric] for r in rows if r["format"] == "dense"}
 
-    def t(fmt_: str | None, kind: str | None, path: str, m: int) -> float:
-        sel = [r[metric] for r in rows if r["M"] == m and r["path"] == path and
-               (r["format"] == fmt_ if fmt_ else KIND_OF_LABEL.get(r["format"]) == kind)]
-        return _geomean(sel) if sel else math.inf
+    def ratios(kind: str, path: str, m: int) -> tuple[float, float]:
+        sel = [r for r in rows if r["M"] == m and r["path"] == path
+               and KIND_OF_LABEL.get(r["format"]) == kind]
+        r32 = statistics.median(dense[(r["K"], r["N"], m, "fp32")] / r[metric] for r in sel)
+        r16 = statistics.median(dense[(r["K"], r["N"], m, "bf16")] / r[metric] for r in sel)
+        return r32, r16
 
     paths_out, ratios_out = [], []
     for kind in dict.fromkeys(KIND_OF_LABEL.values()):
         paths = sorted({r["path"] for r in rows if KIND_OF_LABEL.get(r["format"]) == kind})
-        best = [(m, min(paths, key=lambda p: t(None, kind, p, m))) for m in ms]
+        best = [(m, max(paths, key=lambda p: ratios(kind, p, m)[1])) for m in ms]
         buckets: list[tuple[int, str]] = []
         for m, p in best:
             if buckets and buckets[-1][1] == p:
@@ -180,10 +190,9 @@ def table(rows: list[dict[str, Any]], metric: str = "min_ms", dtype: str = "fp32
                          .replace(str(1 << 62), "1 << 62"))
         rat = []
         for i, (m, p) in enumerate(best):
-            tp = t(None, kind, p, m)
+            r32, r16 = ratios(kind, p, m)
             bound = "1 << 62" if i == len(best) - 1 else str(m)
-            rat.append(f"({bound}, {t('dense', None, 'fp32', m) / tp:.2f}, "
-                       f"{t('dense', None, 'bf16', m) / tp:.2f})")
+            rat.append(f"({bound}, {r32:.2f}, {r16:.2f})")
         ratios_out.append(f"    {kind!r}: ({', '.join(rat)},),")
     return ("CPU_PATHS = {\n" + "\n".join(paths_out) + "\n}\nDENSE_RATIOS = {\n"
             + "\n".join(ratios_out) + "\n}\n")
@@ -202,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--table", action="store_true",
                     help="print CPU_PATHS / DENSE_RATIOS from OUT.json instead of measuring")
     ap.add_argument("--metric", default="min_ms", choices=("min_ms", "cpu_min_ms"))
+    ap.add_argument("--note", default="", help="a line for the report (e.g. how busy the machine was)")
     a = ap.parse_args(argv)
     if a.table:
         print(table(json.loads(Path(a.out).with_suffix(".json").read_text())["rows"], a.metric))
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(shapes, ms, a.dtypes.split(","), a.rounds, a.sample_s)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "threads": a.threads,
             "torch": torch.__version__, "machine": platform.machine(),
-            "load_avg": list(__import__("os").getloadavg()), "rounds": a.rounds}
+            "load_avg": list(os.getloadavg()), "rounds": a.rounds, "note": a.note}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
