@@ -106,15 +106,18 @@ def search_clip(weight: Tensor, scheme: QuantScheme, rows: Tensor, *, steps: int
     n, k = weight.shape
     g = scheme.group_size or k
     w = weight.float().reshape(n, k // g, g)                  # (N, G, g)
-    x = rows.float().reshape(rows.shape[0], k // g, g)        # (R, G, g)
+    x = rows.float().reshape(rows.shape[0], k // g, g).transpose(0, 1)   # (G, R, g)
+    # Σ_rows (x_g · d)² = d (X_gᵀ X_g) dᵀ: one (g, g) Gram matrix per group instead of an
+    # (R, N, G) tensor of partial outputs (2x fewer flops at R = 256, N x K memory)
+    gram = x.transpose(1, 2) @ x                              # (G, g, g)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     best_err = torch.full((n, k // g), float("inf"))
     best = w.clone()
     for i in range(steps):
         r = 1.0 - max_shrink * i / steps
         wc = torch.maximum(torch.minimum(w, hi * r), lo * r)
-        d = w - fake_quantize(wc.reshape(n, k), scheme).reshape(n, k // g, g)
-        err = torch.einsum("rgk,ngk->rng", x, d).pow(2).sum(0)   # (N, G)
+        d = (w - fake_quantize(wc.reshape(n, k), scheme).reshape(n, k // g, g)).transpose(0, 1)
+        err = ((d @ gram) * d).sum(-1).t()                    # (N, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better[..., None], wc, best)
