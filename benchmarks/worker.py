@@ -198,7 +198,7 @@ def run_lm(job: dict[str, Any], ctx_tmp: Path) -> dict[str, Any]:
         res["eval_tokens"] = eval_ids.numel() - 1
 
     # prefill at longer prompts: a cache of exactly T positions, first call, then steady calls
-    res["prefill"] = {}
+    res["prefill"] = {T: {"error": why} for T, why in job.get("prefill_skipped", {}).items()}
     prev: tuple[int, float] | None = None      # (T, seconds of one steady call) of the last length
     for T in job.get("prefill_lengths", []):
         entry: dict[str, Any] = {}

@@ -102,6 +102,10 @@ BISECT_LIMIT: Knob[int | None] = Knob(
     "OPTC_BISECT_LIMIT", None, _nonneg_int,
     "apply at most this many rewrites in total across passes (bisection down to one rewrite)",
 )
+NATIVE: Knob[bool] = Knob(
+    "OPTC_NATIVE", True, _bool,
+    "build and use optc's native C++ CPU kernels (optc/ops/native); 0 runs the torch paths only",
+)
 TRITON_INTERPRET: Knob[bool] = Knob(
     "TRITON_INTERPRET", False, _bool,
     "Triton's own interpreter switch; read here only to know whether Triton can run on CPU",
@@ -109,7 +113,7 @@ TRITON_INTERPRET: Knob[bool] = Knob(
 
 ALL: tuple[Knob, ...] = (
     LOGS, DISABLE, DUMP_DIR, VERIFY, STRICT, CACHE_DIR, REPRO_DIR, MAX_PLANS, BISECT_LIMIT,
-    TRITON_INTERPRET,
+    NATIVE, TRITON_INTERPRET,
 )
 
 

@@ -25,7 +25,11 @@ def test_suites_pick_up_every_config_and_new_presets(monkeypatch):
     assert lm_configs == set(config_names("lm")) >= {"eager-fp32", "eager-bf16", "inductor-fp32",
                                                      "torchao-int8", "torchao-int4", *PRESETS}
     assert {j.config for j in full if j.task == "encoder"} >= {"onnxruntime", "inductor-fp32", "optc"}
-    assert all(j.params["prefill_lengths"] == [512, 2048] for j in full if j.model == "tinyllama-1.1b")
+    long = {j.config: j.params["prefill_lengths"] == [512, 2048] and "prefill_skipped" not in j.params
+            for j in full if j.model == "tinyllama-1.1b"}
+    assert {c for c, both in long.items() if both} == {"eager-fp32", "eager-bf16", "inductor-bf16", *PRESETS}
+    assert all(j.params["prefill_lengths"] == [512] and set(j.params["prefill_skipped"]) == {"2048"}
+               for j in full if j.model == "tinyllama-1.1b" and not long[j.config])
     # a preset registered later shows up with no harness change; causal_lm_only stays off encoders
     monkeypatch.setitem(PRESETS, "optc-test-new", Preset("optc-test-new", "test", causal_lm_only=True))
     jobs = harness.suite_jobs("full")
@@ -42,7 +46,8 @@ def test_tiny_run_end_to_end(tmp_path):
     keep = {("stream", "start"), ("tiny-lm", "eager-fp32"), ("tiny-lm", "optc"), ("bert-tiny", "eager-fp32")}
     jobs = [j for j in harness.suite_jobs("quick", tiny=True) if (j.model, j.config) in keep]
     llama = next(j for j in harness.suite_jobs("quick", tiny=True) if j.model == "llama-tiny")
-    jobs[1].params = {**jobs[1].params, "prefill_lengths": [32, 64]}   # tiny-lm eager-fp32: prefill too
+    jobs[1].params = {**jobs[1].params, "prefill_lengths": [32, 64],    # tiny-lm eager-fp32: prefill too
+                      "prefill_skipped": {"128": "not in this suite"}}
     jobs.append(harness.Job("lm", "llama-tiny", "no-such-config", llama.params, 120))
     result = {"suite": "test", "started": "now", "wall_s": 1.0, "command": "pytest", "note": "",
               "machine": harness.machine_info(2), "load_average": {"before": [0], "after": [0]},
@@ -65,6 +70,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert opt["graphs_first_call"] == 2                      # one prefill graph, one decode graph
     assert opt["bytes_per_token"] == fp32["bytes_per_token"]  # same tensors read
     pre = fp32["prefill"]
+    assert pre.pop("128") == {"error": "not in this suite"}      # a skipped length is a cell saying why
     assert set(pre) == {"32", "64"} and all(e["s"] > 0 and e["peak_rss_mib"] > 0 for e in pre.values())
     enc = rows[("bert-tiny", "eager-fp32")]
     assert enc["cosine_min"] == pytest.approx(1.0, abs=1e-6) and enc["latency_s"] > 0

@@ -17,33 +17,31 @@ x to bf16 (2^-9 relative) is far below the weights' quantization noise (int8: 2^
 range). Which path runs is a decision table per (kind, M) in ``CPU_PATHS``, generated from
 ``benchmarks/quant_kernels.py`` (measured numbers below); no call ever measures.
 
-Measured (``flock /tmp/optc-bench.lock python -m benchmarks.quant_kernels --rounds 3``, fp32
-activations, 2 threads, the 2-core AVX-512 VM of FACTS.md while other engineers ran tests and
-benchmarks, load average 3-4: noisy; ``benchmarks/results/quant_kernels.md`` has every cell).
-Wall ms, min of 3 interleaved rounds, and the speed vs dense fp32 / bf16 ``F.linear``::
+Measured (``python -m benchmarks.quant_kernels --rounds 3``, fp32 activations, 2 threads, the
+2-core Xeon VM (AVX-512, AMX) with nothing else running, 2026-12-01;
+``benchmarks/results/quant_kernels.md`` has every cell). Wall ms, min of 3 interleaved rounds::
 
     K->N        M     fp32   bf16 | int8pack int8 deq | int4pack  int4 deq | w8a8 int_mm | bfp planes
-    2048->5632  1     1.22   1.46 |  0.73      3.48   |  0.53      17.4    |  0.91       | 1.06
-    2048->5632  16    3.80   1.13 |  3.52      3.11   |  3.06      14.7    |  0.87       | 6.38
-    2048->5632  128   12.4   2.50 |  23.9      4.79   |  22.1      13.9    |  2.30       | 46.5
-    2048->5632  2048  196    55.2 |  431       74.2   |  380       43.4    |  51.6       | 778
-    5632->2048  1     1.20   1.72 |  0.59      2.59   |  0.42      13.5    |  0.74       | 0.93
-    4096->4096  1     2.06   3.10 |  1.16      10.3   |  0.62      57.3    |  2.61       | 2.41
-    4096->4096  2048  234    36.5 |  573       88.8   |  558       105     |  92.8       | 1224
+    2048->5632  1      1.12   1.36 |  0.683     3.31  |  0.449     5.92  |  0.753      | 0.923
+    2048->5632  16     4.15   1.34 |  4.02      3.29  |  3.4       4.75  |  1.09       | 7.03
+    2048->5632  128    13.8   4.93 |  27.2      6.85  |  24.6      8.15  |  3.65       | 51.6
+    2048->5632  2048    175   39.1 |  357       29.2  |  349       28.9  |  46.3       | 731
+    5632->2048  1     0.916  0.923 |  0.437     2.17  |  0.4       3.55  |  0.626      | 0.862
+    4096->4096  1      1.62   1.53 |  0.712     3.7   |  0.583     6.55  |  0.97       | 1.24
+    4096->4096  2048    273   87.9 |  600       98    |  595       101   |  110        | 1216
 
-At decode (M=1) the packed kernels are 2.3x (int4, median over the TinyLlama shapes) and 1.75x
-(int8) faster than fp32 ``F.linear``; they read ~0.5 / 1 byte per weight (int4pack 2048->5632:
-11.5 M weights in 0.53 ms, ~11 GB/s of packed weight). They recompute the dequantization for
-every row, so from M ~ 16 their time grows ~0.3 ms per row at 2048->5632 and the paths that
-dequantize once to bf16 and run oneDNN's bf16 GEMM win (int8: a plain cast, 0.1 ns/weight;
-int4: ``int4_weight_t_bf16``, ~1.1 ns/weight). In the medians no weight-only path beats *bf16*
-dense for M >= 16 (the dequantization is extra work on top of the same GEMM; single cells above
-that do are within this run's noise): ``slower_than_dense`` says so and ``optc inspect`` prints
-it. On a quiet machine FACTS.md has int4pack at 4096x4096, M=1 at 0.26 ms (0.62 ms here). W8A8 ``_int_mm`` (VNNI) is the only quantized path faster than bf16
-dense at M = 4..64. BFP: the two-plane int4 form (block 32) is 1.03x fp32 / 1.34x bf16 at M=1;
-block 16 has no ATen kernel and runs dequantize + bf16 GEMM, 0.05x dense at M=1 (memory only).
-In the run above the 2048->32000 dequant cells were 10-30x slower than the same call alone
-(72-137 ms for 65.5 M int4 weights, 1.1-2.1 ns/weight): the medians over shapes absorb it.
+At decode (M=1) the packed kernels are 2.3x (int4, median over the TinyLlama shapes) and 1.6x
+(int8) faster than fp32 ``F.linear`` (2.9x / 2.0x than bf16); int4pack 2048->5632 reads its
+5.8 MB in 0.45 ms, ~13 GB/s. They recompute the dequantization for every row, so their time
+grows ~0.2 ms per row at 2048->5632 and from M ~ 16 the paths that dequantize once to bf16 and
+run oneDNN's bf16 GEMM win (int8: a plain cast; int4: ``int4_weight_t_bf16``, optc's native
+kernel at ~13 GB/s, 4x faster than the torch-op version, which made the int4 crossover move from
+M=128 to M=16). Against *bf16* dense, weight-only paths at M >= 16 are 0.4-0.73x (medians; the
+dequantization is extra work on top of the same GEMM): ``slower_than_dense`` says so and
+``optc inspect`` prints it. W8A8 ``_int_mm`` (VNNI/AMX) is the only quantized path faster than
+bf16 dense at M = 4..128. BFP: the two-plane int4 form (block 32) is 1.06x fp32 / 1.42x bf16 at
+M=1; block 16 has no ATen kernel and runs dequantize + bf16 GEMM, 0.05x dense at M=1 (memory
+only).
 
 The Triton kernels are rendered from ``optc.codegen.templates.quant_gemm``.
 """
@@ -97,7 +95,17 @@ DEQUANT_ROWS = 512   # output channels dequantized at a time: ~1-2 MB of tempora
 
 
 def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int) -> Tensor:
-    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``(u - 8) s + z``.
+    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``(u - 8) s + z``: optc's
+    native kernel (``optc.ops.native``, bit-identical, ~memory speed) when it is available,
+    else :func:`int4_weight_t_bf16_torch`."""
+    from optc.ops import native
+    out = native.int4_weight_t_bf16(w_int4, scales_zeros, group_size, k)
+    return out if out is not None else int4_weight_t_bf16_torch(w_int4, scales_zeros, group_size, k)
+
+
+def int4_weight_t_bf16_torch(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k: int
+                             ) -> Tensor:
+    """The transposed (K, Np) bf16 weight of a tile-64 int4 tensor, ``(u - 8) s + z``, in torch.
 
     Per chunk of ``DEQUANT_ROWS`` output channels: nibbles into tile order (B, K, 64) uint8,
     ``u - 8`` by uint8 wrap-around read as int8 -> bf16 (exact) -> one same-dtype ``addcmul``
@@ -165,8 +173,32 @@ def _int4pack(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return torch._weight_int4pack_mm_for_cpu(_bf16(x2), w, group_size, sz)
 
 
+DEQUANT_CHUNK_BYTES = 8 << 20    # chunk size when a W^T is dequantized in column chunks ...
+DEQUANT_WHOLE_BYTES = 32 << 20   # ... which a W^T larger than this (in bf16) is
+
+
 def _int4_dequant(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
-    return torch.mm(_bf16(x2), int4_weight_t_bf16(w, sz, group_size, x2.shape[1]))
+    """Dequantize to bf16 once per call, then oneDNN's bf16 GEMM. A weight larger than
+    ``DEQUANT_WHOLE_BYTES`` in bf16 (an lm_head: 2048 x 32000 is 131 MB) goes in chunks of
+    ``DEQUANT_CHUNK_BYTES`` through one reused buffer, each chunk's GEMM writing its columns of
+    the result: a fresh 131 MB tensor costs ~50 ms of page faults, more than its dequantization.
+    Measured (2 threads, quiet machine, native dequant): the whole 2048 x 32000 W^T at once
+    74 ms (2.2 GB/s) vs 2.2 ms for a 23 MB 2048 x 5632 one (13 GB/s); lm_head at M=128: 69 ms
+    chunked vs 170 ms with the torch dequantization. Smaller weights are not chunked: their
+    whole-W^T path was faster (7.3 ms vs ~12 ms chunked at 2048 x 5632, M=128)."""
+    from optc.ops import native
+    k, np_ = x2.shape[1], w.shape[0]
+    xb = _bf16(x2)
+    cols = max(64, DEQUANT_CHUNK_BYTES // (2 * k) // 64 * 64)
+    if 2 * k * np_ <= DEQUANT_WHOLE_BYTES or np_ <= cols or native.library() is None:
+        return torch.mm(xb, int4_weight_t_bf16(w, sz, group_size, k))
+    y = torch.empty(x2.shape[0], np_, dtype=BF16)
+    buf = torch.empty(k, cols, dtype=BF16)
+    for n0 in range(0, np_, cols):
+        n1 = min(n0 + cols, np_)
+        wt = native.int4_weight_t_bf16(w, sz, group_size, k, cols=(n0, n1), out=buf)
+        torch.mm(xb, wt, out=y[:, n0:n1])
+    return y
 
 
 def _w8a8_int_mm(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
@@ -205,26 +237,27 @@ CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
 # ``python -m benchmarks.quant_kernels --table`` from its results (module docstring).
 CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
     "int8": ((4, "int8pack"), (1 << 62, "dequant")),
-    "int4": ((128, "int4pack"), (1 << 62, "dequant")),
+    "int4": ((16, "int4pack"), (1 << 62, "dequant")),
     "w8a8": ((1 << 62, "int_mm"),),
-    "bfp_planes": ((64, "int4pack"), (1 << 62, "dequant")),
+    "bfp_planes": ((16, "int4pack"), (1 << 62, "dequant")),
     "bfp_blocks": ((1 << 62, "dequant"),),
 }
 # kind -> ((largest M, dense fp32 time / path time, dense bf16 time / path time), ...) for the
 # path CPU_PATHS picks: median over the TinyLlama-1.1B linear shapes. Below 1: slower than the
 # unquantized linear of that dtype, reported by ``slower_than_dense`` (and ``optc inspect``).
 DENSE_RATIOS: dict[str, tuple[tuple[int, float, float], ...]] = {
-    "int8": ((1, 1.75, 2.07), (4, 2.23, 1.25), (16, 1.22, 0.36), (64, 1.51, 0.60),
-             (128, 1.35, 0.52), (512, 2.33, 0.80), (1 << 62, 2.29, 0.64)),
-    "int4": ((1, 2.30, 2.75), (4, 2.72, 1.39), (16, 1.14, 0.39), (64, 0.64, 0.23),
-             (128, 0.54, 0.20), (512, 1.48, 0.51), (1 << 62, 1.95, 0.57)),
-    "w8a8": ((1, 0.88, 0.90), (4, 2.44, 1.32), (16, 3.43, 1.10), (64, 3.59, 1.24),
-             (128, 3.55, 0.77), (512, 3.17, 0.80), (1 << 62, 2.43, 0.57)),
-    "bfp_planes": ((1, 1.03, 1.34), (4, 1.22, 0.67), (16, 0.52, 0.17), (64, 0.31, 0.11),
-                   (128, 0.21, 0.09), (512, 0.88, 0.24), (1 << 62, 1.13, 0.28)),
-    "bfp_blocks": ((1, 0.05, 0.06), (4, 0.09, 0.05), (16, 0.16, 0.05), (64, 0.30, 0.11),
-                   (128, 0.45, 0.11), (512, 1.01, 0.29), (1 << 62, 1.40, 0.39)),
+    "int8": ((1, 1.63, 2.03), (4, 2.17, 1.11), (16, 1.26, 0.41), (64, 1.57, 0.58),
+             (128, 2.01, 0.55), (512, 2.35, 0.78), (1 << 62, 3.97, 0.72)),
+    "int4": ((1, 2.31, 2.91), (4, 2.45, 1.34), (16, 1.18, 0.39), (64, 1.40, 0.50),
+             (128, 1.85, 0.45), (512, 2.58, 0.70), (1 << 62, 4.01, 0.73)),
+    "w8a8": ((1, 1.46, 1.47), (4, 2.49, 1.38), (16, 3.82, 1.22), (64, 4.05, 1.36),
+             (128, 3.85, 1.05), (512, 3.09, 0.89), (1 << 62, 3.42, 0.62)),
+    "bfp_planes": ((1, 1.06, 1.42), (4, 1.11, 0.64), (16, 0.58, 0.18), (64, 0.30, 0.17),
+                   (128, 0.85, 0.19), (512, 1.40, 0.34), (1 << 62, 2.25, 0.37)),
+    "bfp_blocks": ((1, 0.05, 0.06), (4, 0.11, 0.05), (16, 0.18, 0.06), (64, 0.34, 0.12),
+                   (128, 0.50, 0.14), (512, 1.18, 0.28), (1 << 62, 2.07, 0.36)),
 }
+
 
 
 def slower_than_dense(kind: str, m: int, dtype: torch.dtype) -> str | None:
@@ -261,12 +294,25 @@ def describe_cpu_node(node: Any) -> str:
         k = int(x.shape[-1])
         m = x.numel() // max(k, 1)
         note = slower_than_dense(kind, m, x.dtype)
-        return f"M={m}: {cpu_path(kind, m, k)} path" + (f"; {note}" if note else "")
+        path = cpu_path(kind, m, k)
+        return f"M={m}: {path} path" + (f"; {note}" if note else "") + _native_note(kind, {path})
     parts = [f"M<={b}: {p}" if b < 1 << 62 else p for b, p in CPU_PATHS[kind]]
     slow = [str(b) if b < 1 << 62 else "larger" for b, *_ in DENSE_RATIOS[kind]
             if slower_than_dense(kind, b, x.dtype)]
     return "symbolic M: " + ", else ".join(parts) + (
-        f"; slower than dense at M in buckets {', '.join(slow)}" if slow else "")
+        f"; slower than dense at M in buckets {', '.join(slow)}" if slow else "") + _native_note(
+        kind, {p for _, p in CPU_PATHS[kind]})
+
+
+def _native_note(kind: str, paths: set[str]) -> str:
+    """Which int4 dequantization the dequant path runs: optc's native kernel or torch's."""
+    if kind not in ("int4", "bfp_planes") or "dequant" not in paths:
+        return ""
+    from optc.ops import native
+    if native.library() is not None:
+        return "; int4 dequantization: native C++ kernel"
+    return f"; int4 dequantization: torch ops (native kernel {native.status()['state']}: " \
+           f"{native.status().get('reason', '')})"
 
 
 def kind_of(q: fmt.QuantizedWeight) -> str:
