@@ -99,8 +99,8 @@ def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = No
         # torchao's weight-only kernels run 2048 at ~0.6x eager fp32), which the 60-minute
         # budget does not hold. Their cells say so.
         from benchmarks.configs import all_configs
-        kinds = {n: c.kind for n, c in all_configs().items()}
-        long_rows = {"eager-fp32", "eager-bf16", "inductor-bf16"} | {n for n, k in kinds.items() if k == "optc"}
+        long_rows = {"eager-fp32", "eager-bf16", "inductor-bf16"} | {
+            n for n, c in all_configs().items() if c.kind == "optc"}
         jobs += [Job("lm", "tinyllama-1.1b", c,
                      {**_LM, "repeats": 1, "prefill_repeats": 1,
                       "prefill_lengths": [512, 2048] if c in long_rows else [512],

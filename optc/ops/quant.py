@@ -186,18 +186,29 @@ def _int4_dequant(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
     74 ms (2.2 GB/s) vs 2.2 ms for a 23 MB 2048 x 5632 one (13 GB/s); lm_head at M=128: 69 ms
     chunked vs 170 ms with the torch dequantization. Smaller weights are not chunked: their
     whole-W^T path was faster (7.3 ms vs ~12 ms chunked at 2048 x 5632, M=128)."""
-    from optc.ops import native
     k, np_ = x2.shape[1], w.shape[0]
     xb = _bf16(x2)
+    if 2 * k * np_ > DEQUANT_WHOLE_BYTES:
+        y = _int4_dequant_chunked(xb, w, sz, group_size)
+        if y is not None:
+            return y
+    return torch.mm(xb, int4_weight_t_bf16(w, sz, group_size, k))
+
+
+def _int4_dequant_chunked(xb: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor | None:
+    """``_int4_dequant`` column chunk by column chunk (native kernel only; None without it)."""
+    from optc.ops import native
+    if native.library() is None:
+        return None
+    k, np_ = xb.shape[1], w.shape[0]
     cols = max(64, DEQUANT_CHUNK_BYTES // (2 * k) // 64 * 64)
-    if 2 * k * np_ <= DEQUANT_WHOLE_BYTES or np_ <= cols or native.library() is None:
-        return torch.mm(xb, int4_weight_t_bf16(w, sz, group_size, k))
-    y = torch.empty(x2.shape[0], np_, dtype=BF16)
+    y = torch.empty(xb.shape[0], np_, dtype=BF16)
     buf = torch.empty(k, cols, dtype=BF16)
     for n0 in range(0, np_, cols):
-        n1 = min(n0 + cols, np_)
-        wt = native.int4_weight_t_bf16(w, sz, group_size, k, cols=(n0, n1), out=buf)
-        torch.mm(xb, wt, out=y[:, n0:n1])
+        wt = native.int4_weight_t_bf16(w, sz, group_size, k, cols=(n0, min(n0 + cols, np_)), out=buf)
+        if wt is None:
+            return None
+        torch.mm(xb, wt, out=y[:, n0:n0 + wt.shape[1]])
     return y
 
 
@@ -311,8 +322,8 @@ def _native_note(kind: str, paths: set[str]) -> str:
     from optc.ops import native
     if native.library() is not None:
         return "; int4 dequantization: native C++ kernel"
-    return f"; int4 dequantization: torch ops (native kernel {native.status()['state']}: " \
-           f"{native.status().get('reason', '')})"
+    st = native.status()
+    return f"; int4 dequantization: torch ops (native kernel {st['state']}: {st.get('reason', '')})"
 
 
 def kind_of(q: fmt.QuantizedWeight) -> str:

@@ -1,11 +1,11 @@
 """optc's native CPU kernels (``dequant.cpp``): built on first use, cached, optional.
 
 The C++ file has a plain C ABI and includes only ATen/Parallel.h (torch's thread pool), so it
-compiles in about a second with the system C++ compiler (``$CXX``, else ``c++``/``g++``) at ``-O3 -march=native``; it is loaded with
-ctypes, which releases the GIL during calls. The shared library is cached under
-``<optc cache>/native/<hash>/`` keyed by the source, the compiler's version, the flags and this
-CPU's instruction-set flags and the torch version (a cache shared between machines never loads a binary built for
-another CPU). Writes are atomic (build into a temporary file, then ``os.replace``); a library
+compiles in about a second with the system C++ compiler (``$CXX``, else ``c++``/``g++``) at
+``-O3 -march=native``; it is loaded with ctypes, which releases the GIL during calls. The shared
+library is cached under ``<optc cache>/native/<hash>/`` keyed by the source, the compiler's
+version, the flags, this CPU's instruction-set flags and the torch version (a cache shared
+between machines never loads a binary built for another CPU). Writes are atomic (build into a temporary file, then ``os.replace``); a library
 that does not load is deleted and rebuilt once.
 
 Without a compiler, or with ``OPTC_NATIVE=0``, :func:`library` is None and callers use their
@@ -33,6 +33,8 @@ from optc import knobs
 
 SOURCE = Path(__file__).with_name("dequant.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+ABI_VERSION = 3
+_status: dict[str, str] = {"state": "not built"}
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -44,8 +46,6 @@ def _torch_flags() -> tuple[list[str], list[str]]:
     root = Path(torch.__file__).parent
     return [f"-I{root / 'include'}"], [f"-L{root / 'lib'}", "-ltorch_cpu", "-lc10",
                                         f"-Wl,-rpath,{root / 'lib'}"]
-ABI_VERSION = 3
-_status: dict[str, str] = {"state": "not built"}
 
 
 def _compiler() -> str | None:
