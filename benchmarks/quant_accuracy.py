@@ -58,7 +58,7 @@ class Mode:
 
 def _modes() -> list[Mode]:
     from optc.config import CompileConfig
-    from optc.passes.pipeline import DEFAULT_PIPELINE
+    from optc.passes.pipeline import pipeline_with
     from optc.passes.quantize_weights import LayerRule, QuantizeWeightsConfig
     from optc.presets import PRESETS
 
@@ -66,7 +66,7 @@ def _modes() -> list[Mode]:
         return lambda: (PRESETS[name].config, PRESETS[name].needs_calibration)
 
     def custom(qcfg: QuantizeWeightsConfig) -> Callable[[], Any]:
-        cfg = CompileConfig(pipeline=(*DEFAULT_PIPELINE, "quantize_weights"),
+        cfg = CompileConfig(pipeline=pipeline_with("quantize_weights"),
                             passes={"quantize_weights": qcfg.to_dict()})
         return lambda: (cfg, qcfg.needs_calibration())
     names = ("optc-int8", "optc-int4-g128", "optc-int4-g128-awq", "optc-int4-g32", "optc-w8a8", "optc-bfp")

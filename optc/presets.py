@@ -59,12 +59,12 @@ def _register(*presets: Preset) -> dict[str, Preset]:
 def _quant_presets() -> tuple[Preset, ...]:
     """quantize_weights after the default pipeline, one scheme for every linear and the lm_head
     (as torchao's weight-only configs do), fp32 activations."""
-    from optc.passes.pipeline import DEFAULT_PIPELINE
+    from optc.passes.pipeline import pipeline_with
     from optc.passes.quantize_weights import QuantizeWeightsConfig
 
     def q(name: str, description: str, mode: str, group: int | None = None, awq: bool = False) -> Preset:
         qcfg = QuantizeWeightsConfig.uniform(mode, group, awq=awq, lm_head=True)
-        cfg = CompileConfig(pipeline=(*DEFAULT_PIPELINE, "quantize_weights"),
+        cfg = CompileConfig(pipeline=pipeline_with("quantize_weights"),
                             passes={"quantize_weights": qcfg.to_dict()})
         return Preset(name, description, cfg, lossless=False, needs_calibration=awq)
     return (

@@ -47,7 +47,7 @@ def test_inspect_print_after_all(capsys: pytest.CaptureFixture):
     assert re.search(r"\n   fuse_add_norm +changed +5 +\d+->\d+ +\d+\.\d\d  rms_norm=1, add_rms_norm=4\n", out)
     assert re.search(r"\n-- memory plan: \d+ values in arena, \d+ allocated by their op; arena ", out)
     assert "fallbacks: none" in out
-    assert out.rstrip().endswith("-- max |optc - eager| = 0")
+    assert re.search(r"-- max \|optc - eager\| = (0|\d\.\d+e-0[78])$", out.rstrip())
 
 
 def test_inspect_unchanged_pass_is_reported(capsys: pytest.CaptureFixture):
@@ -66,18 +66,22 @@ def test_inspect_json(capsys: pytest.CaptureFixture):
     assert info["model"] == "zoo:llama-tiny:seq=8" and info["frontend"] == "dynamo"
     (graph,) = info["graphs"]
     assert [p["name"] for p in graph["passes"]] == list(DEFAULT_PIPELINE)
-    noops, fuse, attention = graph["passes"]
+    noops, fuse, attention, qkv, reduce = graph["passes"]
     assert noops["stats"] == {"to_same_dtype": 12} and noops["rewrites"] == 12
     assert fuse["stats"] == {"rms_norm": 1, "add_rms_norm": 4} and fuse["rewrites"] == 5
     assert attention["stats"] == {"sdpa": 2, "repeat_interleave": 2}
-    for p in graph["passes"]:
+    assert qkv["stats"] == {"groups": 4}              # q/k/v and gate/up, two layers
+    for p in (noops, fuse, attention):
         assert p["modified"] and p["error"] is None and p["skipped"] is None
         assert p["nodes_after"] < p["nodes_before"] and p["ms"] >= 0
+    # GQA: q, k and v differ in width, so there is no equal split to cut into heads
+    assert not reduce["modified"] and reduce["stats"] == {}
     rt = graph["runtime"]
     assert rt["fallbacks"] == {}
     assert rt["lower_bound_bytes"] <= rt["arena_bytes"] <= rt["no_reuse_bytes"]
     assert graph["cost"]["flops"] > 0
-    assert info["max_abs_diff_vs_eager"] == 0.0
+    # fuse_qkv's wider GEMM may block the fp32 reduction differently: an ulp, not more
+    assert info["max_abs_diff_vs_eager"] <= 1e-6
 
 
 def test_inspect_hf_gpt2(capsys: pytest.CaptureFixture):

@@ -12,7 +12,7 @@ import models
 import optc
 from optc.config import ConfigError
 from optc.passes import quantize_weights
-from optc.passes.pipeline import DEFAULT_PIPELINE
+from optc.passes.pipeline import pipeline_with
 from optc.passes.quantize_weights import LayerRule, QuantizeWeightsConfig
 from optc.quant import serialize
 
@@ -20,7 +20,7 @@ from optc.quant import serialize
 # (o), clipping, a BFP permutation gathered by its op (layer 1), and the lm_head
 QCFG = QuantizeWeightsConfig(rules=(LayerRule("int4", 32, awq=True), LayerRule("bfp", 16, layers=(1,)),
                                     LayerRule("int8", roles=("lm_head",))), awq_grid=4)
-CFG = {"pipeline": [*DEFAULT_PIPELINE, "quantize_weights"], "strict": True,
+CFG = {"pipeline": list(pipeline_with("quantize_weights")), "strict": True,
        "passes": {"quantize_weights": QCFG.to_dict()}}
 
 

@@ -20,13 +20,13 @@ from optc.config import ConfigError
 from optc.graph.printer import format_graph
 from optc.graph.verifier import verify
 from optc.passes import fuse_add_norm, quantize_weights, remove_noops
-from optc.passes.pipeline import DEFAULT_PIPELINE
+from optc.passes.pipeline import pipeline_with
 from optc.passes.quantize_weights import LayerRule, QuantizeWeightsConfig, analyze, role_of
 from optc.quant import formats
 from optc.quant.calibrate import collect
 from optc.quant.serialize import QuantStore
 
-PIPELINE = (*DEFAULT_PIPELINE, "quantize_weights")
+PIPELINE = pipeline_with("quantize_weights")
 
 
 class Block(nn.Module):

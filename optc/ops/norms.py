@@ -74,14 +74,20 @@ def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor,
                      eps: float) -> tuple[Tensor, Tensor]:
-    h = _contiguous(x + residual)
+    h = x + residual
+    if not h.is_contiguous():
+        h = h.contiguous()
     return h, _rms_norm(h, weight, eps)
 
 
 def add_layer_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
                        eps: float) -> tuple[Tensor, Tensor]:
-    h = _contiguous(x + residual)
-    return h, torch.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    # inlined (no helper calls): this runs twice per layer, and at batch 1 with short inputs
+    # each Python call is a visible part of the op's ~7 us
+    h = x + residual
+    if not h.is_contiguous():
+        h = h.contiguous()
+    return h, torch.layer_norm(h, h.shape[-1:], weight, bias, eps)
 
 
 # ---- fake ----------------------------------------------------------------------------------

@@ -12,4 +12,22 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # matmul -> scale -> mask -> softmax -> matmul with nothing in between. Lossless, so in the
     # default pipeline. Independent of fuse_add_norm (it matches no norm or residual add).
     "fuse_attention",
+    # After fuse_attention (which reads the separate Q/K/V heads) and after quantize_weights
+    # when that runs (quantization keeps its per-module weights): sibling linears -> one GEMM.
+    "fuse_qkv",
+    # After fuse_qkv: cuts its split (and GPT-2's c_attn split) into heads with one view.
+    "strength_reduce",
 )
+
+# Opt-in passes and the default pass they must precede (their place in ``pipeline_with``).
+_INSERT_BEFORE: dict[str, str] = {"quantize_weights": "fuse_qkv"}
+
+
+def pipeline_with(*extra: str) -> tuple[str, ...]:
+    """The default pipeline with opt-in passes at their place: ``quantize_weights`` runs after
+    the lossless fusions that read separate projections and before ``fuse_qkv``."""
+    out = list(DEFAULT_PIPELINE)
+    for name in extra:
+        at = _INSERT_BEFORE.get(name)
+        out.insert(out.index(at) if at in out else len(out), name)
+    return tuple(out)

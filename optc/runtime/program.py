@@ -49,6 +49,10 @@ _FAST: dict[torch._ops.OpOverload, Callable] = {
     aten.gelu.default: torch._C._nn.gelu, aten.silu.default: torch._C._nn.silu,
     aten.layer_norm.default: torch.layer_norm, aten.embedding.default: torch.embedding,
     aten.scaled_dot_product_attention.default: torch._C._nn.scaled_dot_product_attention,
+    aten.unbind.int: torch.unbind, aten.split.Tensor: torch.split,
+    aten.split_with_sizes.default: torch.split_with_sizes, aten.arange.default: torch.arange,
+    aten.arange.start: torch.arange, aten.zeros_like.default: torch.zeros_like,
+    aten.to.dtype: torch.Tensor.to, aten.rsub.Scalar: torch.rsub,
 }
 # ... of which these accept ``out=`` (checked in tests/test_runtime.py)
 _FAST_OUT = frozenset({
@@ -79,6 +83,7 @@ class ProgramStats:
     fallbacks: Counter[str] = field(default_factory=Counter)  # target -> count
     planned_values: int = 0
     unplanned_values: int = 0
+    folded_values: int = 0       # computed from constants once, recomputed when they change
 
 
 def _out_overload(t: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
@@ -101,6 +106,42 @@ def _out_overload(t: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
                 [a.name for a in ins] == [a.name for a in t._schema.arguments]:
             return cand
     return None
+
+
+# Below this size a result without a fast ``out=`` binding is allocated rather than planned:
+# OpOverload's generic out= call costs 3-5 us more than the fast binding (aten.embedding.out
+# 9.4 us vs torch.embedding 4.4 us, 16x64 fp32 rows, 1 thread), more than a small allocation
+# (about 1 us). Large results stay planned: their allocation (page faults) costs more.
+SMALL_UNPLANNED_BYTES = 256 << 10
+
+
+def _small(v: torch.Tensor) -> bool:
+    return _small_enough(v, SMALL_UNPLANNED_BYTES - 1)
+
+
+# A constant-only value larger than this is computed on every call instead of kept (keeping it
+# would hold a second copy of weights-sized data for the program's lifetime).
+FOLD_MAX_BYTES = 16 << 20
+
+
+def _foldable(n: fx.Node, folded: dict[fx.Node, None]) -> bool:
+    """A pure ATen op on constants (``get_attr``) or other folded values, with one tensor
+    result no larger than FOLD_MAX_BYTES; views stay per call (they cost nothing)."""
+    t, v = n.target, n.meta.get("val")
+    if not (isinstance(t, torch._ops.OpOverload) and t.namespace == "aten") or _is_alias_op(n):
+        return False
+    if t._schema.is_mutable or torch.Tag.nondeterministic_seeded in t.tags:
+        return False
+    if not isinstance(v, torch.Tensor) or not _small_enough(v, FOLD_MAX_BYTES):
+        return False
+    ins = n.all_input_nodes
+    return bool(ins) and all(a.op == "get_attr" or a in folded for a in ins)
+
+
+def _small_enough(v: torch.Tensor, limit: int) -> bool:
+    if not all(isinstance(s, int) for s in v.shape):
+        return False
+    return v.numel() * v.element_size() <= limit
 
 
 def _is_alias_op(n: fx.Node) -> bool:
@@ -159,6 +200,18 @@ class Program:
         for a in out_node.all_input_nodes:
             escaping |= base.get(a, {a})
 
+        # ---- constant folding -----------------------------------------------------------------
+        # Values computed from constants only (fuse_qkv's concatenated weights) run once and are
+        # kept; each planned call first compares the source constants' version counters and
+        # data pointers with the ones they were folded from (load_state_dict, in-place edits and
+        # ``p.data = ...`` all change one) and refolds if any moved. The plain path (autograd)
+        # computes them inline, so gradients still reach the parameters.
+        folded: dict[fx.Node, None] = {}
+        for n in body:
+            if _foldable(n, folded) and n not in escaping:
+                folded[n] = None
+        self.stats.folded_values = len(folded)
+
         # ---- what goes in the arena --------------------------------------------------------
         self.planned: list[fx.Node] = []
         self.buffers_static: list[tuple[int, int]] = []   # (start, end) per planned value
@@ -166,6 +219,8 @@ class Program:
         arena_device: torch.device | None = None   # one arena: values on other devices allocate
         for n in body:
             v = n.meta.get("val")
+            if n in folded:
+                continue
             if not isinstance(v, torch.Tensor) or n in escaping or not plan_memory:
                 if isinstance(v, torch.Tensor) and not _is_alias_op(n):
                     self.stats.unplanned_values += 1
@@ -175,6 +230,8 @@ class Program:
                     self.stats.unplanned_values += 1
                 continue
             form = _out_overload(n.target)
+            if form is not None and n.target not in _FAST_OUT and _small(v):
+                form = None     # the generic out= call costs more than allocating a small result
             if form is None or not is_non_overlapping_and_dense(v) or v.storage_offset() != 0 \
                     or (arena_device is not None and v.device != arena_device):
                 self.stats.unplanned_values += 1
@@ -211,6 +268,13 @@ class Program:
 
         lines_planned: list[str] = []
         lines_plain: list[str] = []
+        lines_fold: list[str] = []
+        fold_names = {names[n] for n in folded}
+        if folded:
+            srcs = sorted({names[a] for n in folded for a in n.all_input_nodes if a.op == "get_attr"})
+            key = ", ".join(f"{c}._version, {c}.data_ptr()" for c in srcs)
+            lines_planned.append(f"if ({key},) != _FV[0]:")
+            lines_planned.append("    _refold()")
         for i, n in enumerate(body):
             fn_name = f"f{i}"
             args = ", ".join([_lit(a, consts, names) for a in n.args]
@@ -229,7 +293,9 @@ class Program:
                     self.stats.lowered[kind] += 1
                 plain = f"{names[n]} = {fn_name}({args})"
                 lines_plain.append(plain)
-                if n in out_forms:
+                if n in folded:
+                    lines_fold.append(plain)
+                elif n in out_forms:
                     consts[f"o{i}"] = _FAST[n.target] if n.target in _FAST_OUT else out_forms[n]._op
                     sep = ", " if args else ""
                     lines_planned.append(f"{names[n]} = o{i}({args}{sep}out=S[{slot_of[n]}])")
@@ -237,19 +303,28 @@ class Program:
                 else:
                     lines_planned.append(plain)
             if i in dead_after:
-                d = f"del {', '.join(dead_after[i])}"
-                lines_planned.append(d)
-                lines_plain.append(d)
+                lines_plain.append(f"del {', '.join(dead_after[i])}")
+                live = [v for v in dead_after[i] if v not in fold_names]  # folded: globals
+                if live:
+                    lines_planned.append(f"del {', '.join(live)}")
+        if folded:
+            lines_fold.append(f"_FV[0] = ({key},)")    # last: a failed fold refolds next call
         ret = _lit(out_node.args[0], consts, names)
         params = ", ".join(names[p] for p in self.placeholders)
         self._globals = dict(consts)
+        self._globals["_FV"] = [None]
+        self._globals["_refold"] = self._refold
         self.source_planned = self._emit("run_planned", params, lines_planned, ret, with_slots=True)
         self.source_plain = self._emit("run_plain", params, lines_plain, ret, with_slots=False)
+        fold_ret = "{" + ", ".join(f"{v!r}: {v}" for v in sorted(fold_names)) + "}"
+        self.source_fold = self._emit("run_fold", "", lines_fold, fold_ret, with_slots=False)
         ns: dict[str, Any] = {}
-        code = compile(self.source_planned + "\n" + self.source_plain, f"<optc program {id(self):x}>", "exec")
+        code = compile("\n".join((self.source_planned, self.source_plain, self.source_fold)),
+                       f"<optc program {id(self):x}>", "exec")
         exec(code, self._globals, ns)  # noqa: S102 - generated straight-line code, as torch.fx does
         self._run_planned: Callable = ns["run_planned"]
         self._run_plain: Callable = ns["run_plain"]
+        self._run_fold: Callable = ns["run_fold"]
 
         # ---- symbolic sizes -----------------------------------------------------------------
         self._bind_dims: list[tuple[int, int | None, sympy.Symbol]] = []   # (input idx, dim, sym)
@@ -282,6 +357,11 @@ class Program:
         self._static_shapes = [tuple(int(s) for s in p.meta["val"].shape)
                                if isinstance(p.meta.get("val"), torch.Tensor) and not self.symbolic
                                else None for p in self.placeholders]
+
+    def _refold(self) -> None:
+        """(Re)compute the folded constants into the program's globals."""
+        with torch.no_grad():
+            self._globals.update(self._run_fold())
 
     @staticmethod
     def _emit(name: str, params: str, lines: list[str], ret: str, with_slots: bool) -> str:
