@@ -94,19 +94,23 @@ def suite_jobs(suite: str, *, tiny: bool = False, configs: list[str] | None = No
         jobs += _lm_jobs("tiny-lm", lm_all, 400, accuracy=True)
         jobs += [Job("encoder", "minilm", c, dict(_ENC), 400) for c in enc_all]
         # TinyLlama: a first call + one steady run (63 decode steps; fp32 prefill at 2048 is ~31 s).
-        # T=2048 only for eager, the Inductor bf16 peer (the fastest prefill peer at T=512) and
-        # optc: the other peers' 2048 rows cost ~11 min (their cold compiles at a new length;
-        # torchao's weight-only kernels run 2048 at ~0.6x eager fp32), which the 60-minute
-        # budget does not hold. Their cells say so.
+        # T=2048 only for eager, the Inductor bf16 peer (the fastest prefill peer at T=512), the
+        # lossless optc presets, the bf16-activation quantized presets and one fp32-activation
+        # one (int4-g128: it shows what fp32 activations cost at 2048): the other rows' 2048
+        # runs cost ~11 min for the peers (cold compiles at a new length; torchao's weight-only
+        # kernels run 2048 at ~0.6x eager fp32) and ~5 min for the other fp32-activation
+        # presets, which the 60-minute budget does not hold. Their cells say so.
         from benchmarks.configs import all_configs
-        long_rows = {"eager-fp32", "eager-bf16", "inductor-bf16"} | {
-            n for n, c in all_configs().items() if c.kind == "optc"}
+        long_rows = {"eager-fp32", "eager-bf16", "inductor-bf16", "optc-int4-g128"} | {
+            n for n, c in all_configs().items()
+            if c.kind == "optc" and (n in ("optc", "optc-bf16") or n.endswith("-bf16"))}
         jobs += [Job("lm", "tinyllama-1.1b", c,
                      {**_LM, "repeats": 1, "prefill_repeats": 1,
                       "prefill_lengths": [512, 2048] if c in long_rows else [512],
                       **({} if c in long_rows else
                          {"prefill_skipped": {"2048": "not measured in the full suite (time budget): "
-                                              "T=2048 runs for eager, inductor-bf16 and optc rows"}})},
+                                              "T=2048 runs for eager, inductor-bf16, the lossless and "
+                                              "bf16-activation optc rows and optc-int4-g128"}})},
                      600) for c in lm_all]
     if configs is not None:
         jobs = [j for j in jobs if j.task == "stream" or j.config in configs]

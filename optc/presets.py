@@ -57,16 +57,17 @@ def _register(*presets: Preset) -> dict[str, Preset]:
 
 
 def _quant_presets() -> tuple[Preset, ...]:
-    """quantize_weights after the default pipeline, one scheme for every linear and the lm_head
-    (as torchao's weight-only configs do), fp32 activations."""
+    """quantize_weights in the default pipeline, one scheme for every linear and the lm_head
+    (as torchao's weight-only configs do); fp32 activations unless the name ends in -bf16."""
     from optc.passes.pipeline import pipeline_with
     from optc.passes.quantize_weights import QuantizeWeightsConfig
 
-    def q(name: str, description: str, mode: str, group: int | None = None, awq: bool = False) -> Preset:
+    def q(name: str, description: str, mode: str, group: int | None = None, awq: bool = False,
+          dtype: torch.dtype | None = None) -> Preset:
         qcfg = QuantizeWeightsConfig.uniform(mode, group, awq=awq, lm_head=True)
         cfg = CompileConfig(pipeline=pipeline_with("quantize_weights"),
                             passes={"quantize_weights": qcfg.to_dict()})
-        return Preset(name, description, cfg, lossless=False, needs_calibration=awq)
+        return Preset(name, description, cfg, dtype=dtype, lossless=False, needs_calibration=awq)
     return (
         q("optc-int8", "int8 weight-only, per output channel (RTN)", "int8"),
         q("optc-int4-g128", "int4 weight-only, group 128, asymmetric (RTN)", "int4", 128),
@@ -75,6 +76,13 @@ def _quant_presets() -> tuple[Preset, ...]:
         q("optc-w8a8", "int8 weights x int8 activations (per-token dynamic scales)", "w8a8"),
         q("optc-bfp", "block floating point: 8-bit mantissas, shared exponent per 32 channels, "
           "outlier channels reordered", "bfp", 32),
+        # bf16 activations (the model cast to bf16 first, as torchao's CPU int4 path requires):
+        # ATen's int8/int4 CPU kernels are fast with bf16 activations only, and bf16 prefill
+        # does not regress against bf16 eager where the fp32-activation presets do at T=2048
+        q("optc-int8-bf16", "int8 weight-only (RTN) on the model cast to bf16", "int8",
+          dtype=torch.bfloat16),
+        q("optc-int4-g128-bf16", "int4 weight-only, group 128 (RTN) on the model cast to bf16",
+          "int4", 128, dtype=torch.bfloat16),
     )
 
 

@@ -27,7 +27,12 @@ def test_suites_pick_up_every_config_and_new_presets(monkeypatch):
     assert {j.config for j in full if j.task == "encoder"} >= {"onnxruntime", "inductor-fp32", "optc"}
     long = {j.config: j.params["prefill_lengths"] == [512, 2048] and "prefill_skipped" not in j.params
             for j in full if j.model == "tinyllama-1.1b"}
-    assert {c for c, both in long.items() if both} == {"eager-fp32", "eager-bf16", "inductor-bf16", *PRESETS}
+    # T=2048: eager, the fastest prefill peer, the lossless and bf16-activation presets, and one
+    # fp32-activation quantized preset (what fp32 activations cost there)
+    assert {c for c, both in long.items() if both} == {
+        "eager-fp32", "eager-bf16", "inductor-bf16", "optc", "optc-bf16", "optc-int4-g128",
+        *(p for p in PRESETS if p.endswith("-bf16"))}
+    assert {"optc-int8-bf16", "optc-int4-g128-bf16"} <= set(PRESETS)
     assert all(j.params["prefill_lengths"] == [512] and set(j.params["prefill_skipped"]) == {"2048"}
                for j in full if j.model == "tinyllama-1.1b" and not long[j.config])
     # a preset registered later shows up with no harness change; causal_lm_only stays off encoders
