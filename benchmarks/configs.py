@@ -116,7 +116,9 @@ def _preset(name: str) -> Callable[[Model, Context], Any]:
         from optc.presets import PRESETS
         preset = PRESETS[name]
         calibration = ctx.calibration() if preset.needs_calibration else None
-        compiled = preset.compile(model, calibration=calibration)
+        # the worker hands the model over (it drops its reference next): cast in place, as the
+        # peers do, so a cast preset's peak RSS does not hold a second copy of the weights
+        compiled = preset.compile(model, calibration=calibration, copy=False)
         ctx.info["preset"] = {"dtype": str(preset.dtype) if preset.dtype else None,
                               "lossless": preset.lossless, "config": preset.config.to_dict()}
         return compiled

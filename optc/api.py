@@ -28,6 +28,7 @@ from optc.passes.manager import PassManager, PipelineResult
 from optc.passes.pipeline import DEFAULT_PIPELINE
 from optc.passes.registry import PASSES
 from optc.runtime.program import Program, ShapeMismatch
+from optc.runtime.trim import release_free_memory
 
 # Dynamo keeps one cache per code object; HF models share code objects across instances and
 # sizes, so the default limit of 8 is hit quickly and Dynamo then silently runs eager.
@@ -130,6 +131,8 @@ def optimize_graph(captured: Captured, cfg: CompileConfig, report: GraphReport,
     report.lower_s = time.perf_counter() - t0
     report.program = program
     _log("runtime", f"program: {program.stats}")
+    if "quantize_weights" in pipeline:
+        release_free_memory()   # quantization's fp32 temporaries: see optc/runtime/trim.py
     return program
 
 

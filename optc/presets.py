@@ -30,17 +30,21 @@ class Preset:
     causal_lm_only: bool = False         # meaningful only for decoder LMs (e.g. KV-cache layouts)
 
     def compile(self, model: torch.nn.Module, *, calibration: Any = None,
-                example_inputs: Any = None) -> torch.nn.Module:
-        """Cast (if the preset says so) and compile ``model``; the model itself is not modified
-        unless no cast is needed (then it is compiled in place, as ``optc.compile`` does)."""
-        import copy
+                example_inputs: Any = None, copy: bool = True) -> torch.nn.Module:
+        """Cast (if the preset says so) and compile ``model``. With ``copy`` (the default) the
+        cast happens on a copy and ``model`` is left as it was; ``copy=False`` casts ``model``
+        itself (``model.to(dtype)``, as the peers in the benchmarks do): no second set of
+        weights is ever alive, for callers that hand the model over."""
+        import copy as copy_mod
 
         import optc
         if self.needs_calibration and calibration is None:
             raise ValueError(f"preset {self.name!r} needs calibration data: "
                              "pass calibration=[batch of token ids, ...]")
         if self.dtype is not None:
-            model = copy.deepcopy(model).to(self.dtype)
+            model = (copy_mod.deepcopy(model) if copy else model).to(self.dtype)
+            from optc.runtime.trim import release_free_memory
+            release_free_memory()       # the old-dtype weights just freed (optc/runtime/trim.py)
         kwargs: dict[str, Any] = {"config": self.config, "example_inputs": example_inputs}
         if calibration is not None:
             kwargs["calibration"] = calibration

@@ -176,3 +176,13 @@ def test_big_model_weight_file_round_trip(tmp_path):
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids), models.build("llama-tiny", seed=0)(ids))   # rope tables too
+
+
+def test_preset_casts_a_copy_unless_handed_the_model():
+    from optc.presets import PRESETS
+    model = models.build("llama-tiny")
+    PRESETS["optc-bf16"].compile(model)
+    assert next(model.parameters()).dtype == torch.float32          # the caller's model kept
+    compiled = PRESETS["optc-bf16"].compile(model, copy=False)
+    assert next(model.parameters()).dtype == torch.bfloat16         # cast in place
+    assert compiled.model is model

@@ -343,3 +343,90 @@ def test_measure_peak_bytes_excludes_inputs():
     x = torch.zeros(MiB // 4)  # 1 MiB of fp32
     assert measure_peak_bytes(lambda t: t.add_(1), x) == 0  # in place: nothing new
     assert MiB <= measure_peak_bytes(lambda t: t + 1, x) < 2 * MiB
+
+
+# ---------------------------------------------------------------- constant folding
+
+
+class CatWeights(nn.Module):
+    """A value computed from parameters only (as fuse_qkv's concatenated weights are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(4, 8))
+        self.b = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, torch.cat([self.a, self.b * 2], 0))
+
+
+@pytest.mark.parametrize("frontend", ["dynamo", "export"])
+def test_constant_only_values_are_folded_and_refolded(frontend: str, assert_matches_eager):
+    model = CatWeights()
+    compiled = optc.compile(model, config=optc.CompileConfig(frontend=frontend))
+    x = torch.randn(3, 8)
+    first = compiled(x)
+    prog = _program(compiled)
+    assert prog.stats.folded_values == 2                       # b * 2 and the cat
+    planned = prog.source_planned
+    assert "_refold()" in planned and "cat" not in prog.source_plain.split("def")[0]
+    with torch.no_grad():
+        assert_matches_eager(first, model(x))
+        model.a.mul_(-1)                                       # in place: version counter
+        assert_matches_eager(compiled(x), model(x))
+        model.b.data = torch.randn(4, 8)                       # new storage: data pointer
+        assert_matches_eager(compiled(x), model(x))
+        model.load_state_dict(CatWeights().state_dict())       # copy_ into the parameters
+        assert_matches_eager(compiled(x), model(x))
+
+
+class WritesBuffer(nn.Module):
+    """A buffer the graph updates in place: values derived from it are not constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps.add_(1)
+        return x + self.steps * 2
+
+
+def test_values_of_buffers_written_in_place_are_not_folded():
+    model = WritesBuffer()
+    compiled = optc.compile(model)
+    x = torch.randn(2, 8)
+    outs = [compiled(x) for _ in range(3)]
+    assert _program(compiled).stats.folded_values == 0
+    for k, out in enumerate(outs, start=1):
+        assert torch.equal(out, x + 2 * k)
+
+
+def test_constant_written_by_the_graph_is_not_folded():
+    """get_attr c; add_(c, 1); y = x + c * 2: the mul reads c after this call's write, so it
+    cannot be computed before the call (nor once)."""
+    fm = FakeTensorMode()
+    root = nn.Module()
+    root.register_buffer("c", torch.zeros(3))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    c = g.get_attr("c")
+    with fm:
+        x.meta["val"] = torch.empty(2, 3)
+        c.meta["val"] = fm.from_tensor(root.c)
+
+    def op(target: Callable, *args: Any) -> fx.Node:
+        n = g.call_function(target, args)
+        with fm:
+            n.meta["val"] = target(*[a.meta["val"] if isinstance(a, fx.Node) else a for a in args])
+        return n
+
+    op(aten.add_.Tensor, c, 1.0)
+    g.output((op(aten.add.Tensor, x, op(aten.mul.Tensor, c, 2.0)),))
+    prog = Program(fx.GraphModule(root, g))
+    assert prog.stats.folded_values == 0
+    xs = torch.randn(2, 3)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            (out,) = prog(xs)
+            assert torch.equal(out, xs + 2.0 * k)

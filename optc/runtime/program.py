@@ -206,9 +206,17 @@ class Program:
         # data pointers with the ones they were folded from (load_state_dict, in-place edits and
         # ``p.data = ...`` all change one) and refolds if any moved. The plain path (autograd)
         # computes them inline, so gradients still reach the parameters.
+        # A constant the graph itself writes in place (a buffer updated by a mutable op, directly
+        # or through a view) is not a constant: nothing derived from it is folded.
+        written: set[fx.Node] = set()
+        for n in body:
+            if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+                for a in n.all_input_nodes:
+                    written |= base.get(a, {a})
         folded: dict[fx.Node, None] = {}
         for n in body:
-            if _foldable(n, folded) and n not in escaping:
+            if _foldable(n, folded) and n not in escaping and \
+                    not any(a in written for a in n.all_input_nodes):
                 folded[n] = None
         self.stats.folded_values = len(folded)
 
