@@ -28,6 +28,7 @@ from optc.config import PassConfig
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import val as _val, is_call as _is
 
 aten = torch.ops.aten
 _TO = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}
@@ -38,14 +39,6 @@ class FuseAddNormConfig(PassConfig):
     VERSION = 1
     rms_norm: bool = True
     layer_norm: bool = True
-
-
-def _val(n: object) -> object:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
-def _is(n: object, *targets: object) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
 def _strip_to(n: object) -> object:

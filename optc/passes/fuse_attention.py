@@ -47,7 +47,6 @@ import math
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -56,6 +55,7 @@ from optc.config import PassConfig
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import val as _val, is_call as _is
 from optc.passes.remove_noops import _arg  # an argument by schema name, positional or keyword
 
 aten = torch.ops.aten
@@ -93,13 +93,6 @@ class Match:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _val(n: object) -> Any:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
-def _is(n: object, *targets: object) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
 def _scalar(c: object) -> bool:

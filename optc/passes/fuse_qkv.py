@@ -39,6 +39,7 @@ from optc.config import PassConfig
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import val as _val, attr_value as _attr
 
 aten = torch.ops.aten
 
@@ -47,17 +48,6 @@ aten = torch.ops.aten
 class FuseQKVConfig(PassConfig):
     VERSION = 1
     max_weight_bytes: int = 8 << 20
-
-
-def _val(n: object) -> Any:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
-def _attr(gm: fx.GraphModule, n: fx.Node) -> Any:
-    obj: Any = gm
-    for part in str(n.target).split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _const(gm: fx.GraphModule, n: object) -> torch.Tensor | None:

@@ -53,6 +53,7 @@ from optc.graph.meta import module_paths
 from optc.graph.shape import propagate_node
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import is_call as _is, attr_value as _attr
 from optc.quant.formats import BFP_BLOCKS, INT4_GROUPS, QuantScheme, unsupported_reason
 
 aten = torch.ops.aten
@@ -251,19 +252,8 @@ class Layout:
         return next(s for s in self.sites if s.module == module)
 
 
-def _is(n: object, *targets: object) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
-
-
 def _param(n: object) -> str | None:
     return n.meta.get("optc_param") if isinstance(n, fx.Node) and n.op == "get_attr" else None
-
-
-def _attr(gm: fx.GraphModule, n: fx.Node) -> Any:
-    obj: Any = gm
-    for part in str(n.target).split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _weight_of(gm: fx.GraphModule, w: object) -> tuple[fx.Node, bool] | None:

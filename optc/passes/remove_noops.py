@@ -31,6 +31,7 @@ from optc.config import PassConfig
 from optc.graph.shape import same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import val as _val
 
 aten = torch.ops.aten
 
@@ -38,10 +39,6 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class RemoveNoopsConfig(PassConfig):
     VERSION = 1
-
-
-def _val(n: object) -> object:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
 def _is_view(u: fx.Node) -> bool:

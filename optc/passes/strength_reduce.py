@@ -34,6 +34,7 @@ from optc.config import PassConfig
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
+from optc.passes.match import val as _val, is_call as _is
 from optc.passes.remove_noops import _safe_to_alias
 
 aten = torch.ops.aten
@@ -45,14 +46,6 @@ class StrengthReduceConfig(PassConfig):
     VERSION = 1
     embedding_arange: bool = True
     split_heads: bool = True
-
-
-def _val(n: object) -> object:
-    return n.meta.get("val") if isinstance(n, fx.Node) else None
-
-
-def _is(n: object, *targets: object) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
 
 def _new(g: fx.Graph, before: fx.Node, target: object, args: tuple, like: fx.Node) -> fx.Node:
