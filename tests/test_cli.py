@@ -70,7 +70,7 @@ def test_inspect_json(capsys: pytest.CaptureFixture):
     assert noops["stats"] == {"to_same_dtype": 12} and noops["rewrites"] == 12
     assert fuse["stats"] == {"rms_norm": 1, "add_rms_norm": 4} and fuse["rewrites"] == 5
     assert attention["stats"] == {"sdpa": 2, "repeat_interleave": 2}
-    assert qkv["stats"] == {"groups": 4}              # q/k/v and gate/up, two layers
+    assert qkv["stats"] == {"groups": 2}              # q/k/v, two layers (gate/up: pairs)
     for p in (noops, fuse, attention):
         assert p["modified"] and p["error"] is None and p["skipped"] is None
         assert p["nodes_after"] < p["nodes_before"] and p["ms"] >= 0

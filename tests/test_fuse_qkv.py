@@ -132,15 +132,13 @@ def test_must_not_fire(case: str, assert_matches_eager):
         model, args = QKV(), (_x(),)
     else:
         model, args = NeedsContiguous(), (_x(),)
-    cfg = FuseQKVConfig(max_weight_bytes=100) if case == "too_big" else FuseQKVConfig()
+    cfg = FuseQKVConfig(max_weight_bytes=100) if case == "too_big" else \
+        FuseQKVConfig(min_group=2) if case == "needs_contiguous" else FuseQKVConfig()
     before, after, stats = run_pass(model, args, cfg)
-    if case == "mixed_bias":     # q and v (both with bias) still pair up; k stays alone
-        assert stats == {"groups": 1} and after.count("aten.linear(") == 2
-    else:
-        assert after == before
-        expected = {"too_big": {"skipped_size": 1},
-                    "needs_contiguous": {"skipped_layout": 1}}.get(case, {})
-        assert stats == expected
+    assert after == before            # mixed_bias: q and v would pair, below min_group=3
+    expected = {"too_big": {"skipped_size": 1},
+                "needs_contiguous": {"skipped_layout": 1}}.get(case, {})
+    assert stats == expected
     compiled = optc.compile(model)
     with torch.no_grad():
         assert_matches_eager(compiled(*args), model(*args))
@@ -179,8 +177,19 @@ def test_fusing_qkv_before_quantizing_is_refused():
                      example_inputs=(_x(),))
 
 
+def test_pairs_fuse_with_min_group_2(assert_matches_eager):
+    model = QKV(bias=(True, False, True))     # q and v share bias-ness: a pair
+    _, after, stats = run_pass(model, (_x(),), FuseQKVConfig(min_group=2))
+    assert stats == {"groups": 1} and after.count("aten.linear(") == 2
+    compiled = optc.compile(model, config={"passes": {"fuse_qkv": {"min_group": 2}}})
+    x = _x()
+    with torch.no_grad():
+        assert_matches_eager(compiled(x), model(x))
+    assert compiled.report.summary()["pass_stats"][0]["fuse_qkv"] == {"groups": 1}
+
+
 @pytest.mark.parametrize("name,expected", [
-    ("llama-tiny", {"groups": 4}), ("gpt2-tiny", {}), ("bert-tiny", {"groups": 2}),
+    ("llama-tiny", {"groups": 2}), ("gpt2-tiny", {}), ("bert-tiny", {"groups": 2}),
     ("opt-tiny", {"groups": 2})])
 def test_zoo_statistics(name: str, expected: dict, assert_matches_eager):
     model = models.build(name)
@@ -192,7 +201,7 @@ def test_zoo_statistics(name: str, expected: dict, assert_matches_eager):
 
 
 @pytest.mark.parametrize("arch,expected", [
-    ("llama", {"groups": 4}), ("bert", {"groups": 2}), ("opt", {"groups": 2}), ("gpt2", {})])
+    ("llama", {"groups": 2}), ("bert", {"groups": 2}), ("opt", {"groups": 2}), ("gpt2", {})])
 def test_hf_statistics(arch: str, expected: dict, assert_matches_eager):
     model = build_hf(arch)
     args, kwargs = hf_example_inputs(model, seq=8)

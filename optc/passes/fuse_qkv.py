@@ -1,11 +1,12 @@
 """fuse_qkv — sibling linears that read the same input become one GEMM and a split.
 
 **Rewrites** (one rule; statistic ``groups``: GEMMs made, ``skipped_size``/``skipped_layout``):
-  linear(x, W1, b1), ..., linear(x, Wk, bk)    (k >= 2, constant weights, same x)
+  linear(x, W1, b1), ..., linear(x, Wk, bk)    (k >= min_group = 3, constant weights, same x)
   -> y = linear(x, cat([W1..Wk]), cat([b1..bk])); split(y, [N1..Nk], -1) -> getitem i
   The ``cat`` of constants is folded by the runtime (computed once, recomputed when a source
-  parameter changes: ``Program``'s constant folding), so the weights are never stale. Typical hits: the
-  Q, K and V projections of BERT/Llama/OPT (K and V narrower under GQA), Llama's gate/up pair.
+  parameter changes: ``Program``'s constant folding), so the weights are never stale. Typical
+  hits: the Q, K and V projections of BERT/Llama/OPT (K and V narrower under GQA); Llama's
+  gate/up pair only with ``min_group=2`` (slower by default: see the config).
 **Source**: horizontal fusion of independent GEMMs on a shared input (TASO, Jia et al. SOSP
   2019; the fused QKV / gate-up projections of FasterTransformer, vLLM and gpt-fast). One
   GEMM instead of k: at batch 1 and short inputs each dispatch costs about as much as the
@@ -48,6 +49,10 @@ aten = torch.ops.aten
 class FuseQKVConfig(PassConfig):
     VERSION = 1
     max_weight_bytes: int = 8 << 20
+    # Pairs (Llama's gate/up) are not fused by default: measured slower on llama-tiny
+    # (benchmarks/overhead.py, eager/optc 1.057 with pairs vs 1.096 without, batch 1, seq 16):
+    # the SiLU and the product then read strided rows of one buffer. Q/K/V triples feed views.
+    min_group: int = 3
 
 
 def _const(gm: fx.GraphModule, n: object) -> torch.Tensor | None:
@@ -167,7 +172,7 @@ def run(gm: fx.GraphModule, cfg: FuseQKVConfig) -> PassResult:
         key = (n.args[0], w.dtype, w.device, w.shape[1], b is not None)
         groups.setdefault(key, []).append(n)
     for key, group in groups.items():
-        if len(group) < 2:
+        if len(group) < max(2, cfg.min_group):
             continue
         nbytes = sum(_member(gm, n)[0].nbytes for n in group)
         if nbytes > cfg.max_weight_bytes:
@@ -187,7 +192,7 @@ def run(gm: fx.GraphModule, cfg: FuseQKVConfig) -> PassResult:
 
 PASS = PassInfo(
     name="fuse_qkv", run=run, config_cls=FuseQKVConfig,
-    summary="sibling linears on one input (Q/K/V, gate/up) -> one GEMM + split (small weights)",
+    summary="sibling linears on one input (Q/K/V) -> one GEMM + split (small weights)",
     source="horizontal GEMM fusion (TASO, SOSP 2019; fused QKV in FasterTransformer/vLLM)",
     lossless=True,
     after=("fuse_attention", "quantize_weights"),
