@@ -58,6 +58,21 @@ class MutatesGather(nn.Module):
         return tok + p
 
 
+class TokenTypes(nn.Module):
+    """BERT's default token types: every token gathers row 0 of the table."""
+
+    def __init__(self, view_after: bool = False) -> None:
+        super().__init__()
+        self.tt = nn.Embedding(2, D)
+        self.view_after = view_after
+
+    def forward(self, ids: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        t = self.tt(torch.zeros_like(ids))
+        if self.view_after:                      # a view of a stride-0 tensor: not rewritten
+            return tok + t.view(-1, D).sum()
+        return tok + t
+
+
 class Heads(nn.Module):
     """nanoGPT / HF GPT-2: ``c_attn(x).split(D, dim)`` then view + transpose per head tensor."""
 
@@ -124,6 +139,28 @@ graph(%in0: f32[1,5,8]):
     _bit_identical(model, (_tok(),))
 
 
+def test_embedding_zeros_golden():
+    model = TokenTypes()
+    args = (torch.zeros(1, T, dtype=torch.long), _tok())
+    _, after, stats = run_pass(model, args)
+    assert_expected_inline(after, """\
+graph(%in0: i64[1,5], %in1: f32[1,5,8]):
+  %select0 = aten.select($tt.weight, 0, 0) : f32[8]
+  %expand0 = aten.expand(%select0, [1, 5, 8]) : f32[1,5,8]
+  %add0 = aten.add(%in1, %expand0) : f32[1,5,8]
+  return (%add0,)""")
+    assert stats == {"embedding_zeros": 1}
+    _bit_identical(model, args)
+
+
+def test_embedding_zeros_must_not_fire_under_a_view():
+    model = TokenTypes(view_after=True)
+    args = (torch.zeros(1, T, dtype=torch.long), _tok())
+    before, after, stats = run_pass(model, args)
+    assert stats == {} and after == before
+    _bit_identical(model, args)
+
+
 @pytest.mark.parametrize("case", ["step2", "past_the_table", "escapes", "mutated"])
 def test_embedding_arange_must_not_fire(case: str):
     model = {"step2": Positions(step=2), "past_the_table": Positions(start=14),
@@ -165,7 +202,7 @@ def test_split_heads_must_not_fire(case: str):
 
 @pytest.mark.parametrize("name,expected", [
     ("gpt2-tiny", {"embedding_arange": 1, "split_heads": 2}),
-    ("bert-tiny", {"embedding_arange": 1, "split_heads": 2}),
+    ("bert-tiny", {"embedding_arange": 1, "embedding_zeros": 1, "split_heads": 2}),
     ("opt-tiny", {"split_heads": 2}), ("llama-tiny", {})])
 def test_zoo_statistics(name: str, expected: dict, assert_matches_eager):
     model = models.build(name)

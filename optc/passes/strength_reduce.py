@@ -3,21 +3,27 @@
 **Rewrites** (rules, each with a statistic):
   embedding_arange: embedding(W, arange(a, b)) [-> unsqueeze(·, d)...]
                     -> slice(W, 0, a, b) [-> unsqueeze(·, d)...]        (learned positions)
+  embedding_zeros:  embedding(W, zeros_like(ids)) -> expand(select(W, 0, 0), [*ids.shape, D])
+                    when only broadcasting ops read it                  (BERT token types)
   split_heads:      split(y, C, -1) -> k x (getitem -> view(B, T, H, C/H) -> transpose(1, 2)
                     or permute(0, 2, 1, 3))
                     -> view(y, [B, T, k, H, C/H]) -> permute(2, 0, 3, 1, 4) -> unbind(0)
   GPT-2's and BERT's learned positions gather ``wpe[arange(T)]`` (a copy of the first T rows),
-  and a fused QKV projection is cut into heads by seven ops. Each becomes views: no copy, fewer dispatches (at batch 1 and short inputs the
+  BERT gathers row 0 of its token-type table for every token, and a fused QKV projection is
+  cut into heads by seven ops. Each becomes views: no copy, fewer dispatches (at batch 1 and short inputs the
   dispatch cost is most of the runtime: benchmarks/overhead.py).
 **Source**: strength reduction (Cocke & Kennedy 1977; LLVM InstCombine's gather-of-iota
   folds); the head split is gpt-fast's ``view + split`` spelling of ``qkv.split(dim)``.
-**Requires**: canonical graph; static ``arange`` bounds (ints) for embedding_arange.
+**Requires**: canonical graph; static ``arange`` bounds (ints) for embedding_arange, static
+  sizes for embedding_zeros.
 **Ensures**: outputs bit-identical (every replacement is a view of the same elements, with the
   same sizes, strides and storage offset for split_heads). A fresh tensor only becomes a view
   when nothing mutates it or returns it (``remove_noops._safe_to_alias``) and nothing writes
   the table in place. Must not fire on: an arange with step != 1 or bounds outside the table,
   float indices, a split that is not over the last dim in equal chunks, heads that are not
-  followed by exactly view -> transpose(1, 2) (or the same permute).
+  followed by exactly view -> transpose(1, 2) (or the same permute), a zero gather read by
+  anything but broadcasting arithmetic or the fused add+norm ops (their ``x + residual``
+  broadcasts on every implementation; a view of a stride-0 tensor could fail).
 **Order**: after fuse_qkv (whose split it cuts into heads); independent of the fusions.
 """
 
@@ -39,12 +45,14 @@ from optc.passes.remove_noops import _safe_to_alias
 
 aten = torch.ops.aten
 _ARANGE = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+_ZEROS = {aten.zeros_like.default}
 
 
 @dataclass(frozen=True)
 class StrengthReduceConfig(PassConfig):
     VERSION = 1
     embedding_arange: bool = True
+    embedding_zeros: bool = True
     split_heads: bool = True
 
 
@@ -101,6 +109,36 @@ def _embedding_arange(g: fx.Graph, n: fx.Node) -> bool:
     out = _new(g, n, aten.slice.Tensor, (w, 0, bounds[0], bounds[1]), n)
     for d in reversed(dims):
         out = _new(g, n, aten.unsqueeze.default, (out, d), n)
+    n.replace_all_uses_with(out)
+    g.erase_node(n)
+    return True
+
+
+def _broadcast_readers() -> set:
+    import optc.ops  # noqa: F401 - registers torch.ops.optc.*
+    ops = torch.ops.optc
+    return {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+            ops.add_layer_norm.default, ops.add_rms_norm.default}
+
+
+def _embedding_zeros(g: fx.Graph, n: fx.Node) -> bool:
+    w, idx = n.args[0], n.args[1]
+    iv, nv = _val(idx), _val(n)
+    if not (_is(idx, *_ZEROS) and isinstance(iv, torch.Tensor) and isinstance(nv, torch.Tensor)):
+        return False
+    if iv.dtype not in (torch.int64, torch.int32) or idx.kwargs.get("dtype") not in (None, iv.dtype):
+        return False
+    if not _table_ok(w, n) or _val(w).shape[0] < 1:
+        return False
+    if not all(type(d) is int for d in nv.shape):
+        return False                    # symbolic sizes: expand would need their nodes
+    readers = _broadcast_readers()
+    if not n.users or not all(_is(u, *readers) for u in n.users):
+        return False
+    if not take_rewrite():
+        return False
+    row = _new(g, n, aten.select.int, (w, 0, 0), n)
+    out = _new(g, n, aten.expand.default, (row, list(nv.shape)), n)
     n.replace_all_uses_with(out)
     g.erase_node(n)
     return True
@@ -179,6 +217,8 @@ def run(gm: fx.GraphModule, cfg: StrengthReduceConfig) -> PassResult:
         if n.target is aten.embedding.default:
             if cfg.embedding_arange and _embedding_arange(g, n):
                 stats["embedding_arange"] += 1
+            elif cfg.embedding_zeros and _embedding_zeros(g, n):
+                stats["embedding_zeros"] += 1
         elif n.target is aten.split.Tensor and cfg.split_heads and _split_heads(g, n):
             stats["split_heads"] += 1
     if stats:
@@ -188,8 +228,8 @@ def run(gm: fx.GraphModule, cfg: StrengthReduceConfig) -> PassResult:
 
 PASS = PassInfo(
     name="strength_reduce", run=run, config_cls=StrengthReduceConfig,
-    summary="position gathers of arange -> slice views; qkv split into heads -> one view",
-    source="strength reduction (Cocke & Kennedy 1977; InstCombine); GPT-2/BERT positions",
+    summary="gathers of arange/zeros -> slice/expand views; qkv split into heads -> one view",
+    source="strength reduction (Cocke & Kennedy 1977; InstCombine); GPT-2/BERT embeddings",
     lossless=True,
     after=("fuse_qkv",),
 )
