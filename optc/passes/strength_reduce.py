@@ -10,8 +10,8 @@
                     -> view(y, [B, T, k, H, C/H]) -> permute(2, 0, 3, 1, 4) -> unbind(0)
   GPT-2's and BERT's learned positions gather ``wpe[arange(T)]`` (a copy of the first T rows),
   BERT gathers row 0 of its token-type table for every token, and a fused QKV projection is
-  cut into heads by seven ops. Each becomes views: no copy, fewer dispatches (at batch 1 and short inputs the
-  dispatch cost is most of the runtime: benchmarks/overhead.py).
+  cut into heads by seven ops. Each becomes views: no copy, fewer dispatches (at batch 1 and
+  short inputs the dispatch cost is most of the runtime: benchmarks/overhead.py).
 **Source**: strength reduction (Cocke & Kennedy 1977; LLVM InstCombine's gather-of-iota
   folds); the head split is gpt-fast's ``view + split`` spelling of ``qkv.split(dim)``.
 **Requires**: canonical graph; static ``arange`` bounds (ints) for embedding_arange, static
@@ -126,7 +126,8 @@ def _embedding_zeros(g: fx.Graph, n: fx.Node) -> bool:
     iv, nv = _val(idx), _val(n)
     if not (_is(idx, *_ZEROS) and isinstance(iv, torch.Tensor) and isinstance(nv, torch.Tensor)):
         return False
-    if iv.dtype not in (torch.int64, torch.int32) or idx.kwargs.get("dtype") not in (None, iv.dtype):
+    if iv.dtype not in (torch.int64, torch.int32) or \
+            idx.kwargs.get("dtype") not in (None, iv.dtype):
         return False
     if not _table_ok(w, n) or _val(w).shape[0] < 1:
         return False

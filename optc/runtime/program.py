@@ -279,7 +279,8 @@ class Program:
         lines_fold: list[str] = []
         fold_names = {names[n] for n in folded}
         if folded:
-            srcs = sorted({names[a] for n in folded for a in n.all_input_nodes if a.op == "get_attr"})
+            srcs = sorted({names[a] for n in folded for a in n.all_input_nodes
+                           if a.op == "get_attr"})
             key = ", ".join(f"{c}._version, {c}.data_ptr()" for c in srcs)
             lines_planned.append(f"if ({key},) != _FV[0]:")
             lines_planned.append("    _refold()")
