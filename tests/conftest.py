@@ -42,6 +42,29 @@ def assert_matches_eager() -> Callable[[object, object], None]:
     return _assert_matches_eager
 
 
+@pytest.fixture(scope="session")
+def stats_on(assert_matches_eager: Callable[[object, object], None]) -> Callable[..., dict]:
+    """``stats_on(spec, pass_name)``: compile a zoo model (``"zoo:NAME"``) or a tiny HF model
+    (``"hf:ARCH"``) with the default pipeline, check it against eager at seq 8, and return that
+    pass's statistics on its (single) graph."""
+    def run(spec: str, pass_name: str) -> dict:
+        import models
+        import optc
+        from models.hf import build_hf, hf_example_inputs
+        kind, name = spec.split(":", 1)
+        if kind == "zoo":
+            model = models.build(name)
+            args, kwargs = models.example_inputs(model, seq=8)
+        else:
+            model = build_hf(name)
+            args, kwargs = hf_example_inputs(model, seq=8)
+        compiled = optc.compile(model)
+        with torch.no_grad():
+            assert_matches_eager(compiled(*args, **kwargs), model(*args, **kwargs))
+        return dict(compiled.report.summary()["pass_stats"][0].get(pass_name, {}))
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
     """Fixed seed; kernel cache and crash reproducers in a temporary directory; fresh Dynamo caches.

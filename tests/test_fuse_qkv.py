@@ -10,9 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
 
-import models
 import optc
-from models.hf import build_hf, hf_example_inputs
 from optc.capture import capture_symbolic_trace
 from optc.graph.printer import format_graph
 from optc.graph.verifier import verify
@@ -191,21 +189,11 @@ def test_pairs_fuse_with_min_group_2(assert_matches_eager):
 @pytest.mark.parametrize("name,expected", [
     ("llama-tiny", {"groups": 2}), ("gpt2-tiny", {}), ("bert-tiny", {"groups": 2}),
     ("opt-tiny", {"groups": 2})])
-def test_zoo_statistics(name: str, expected: dict, assert_matches_eager):
-    model = models.build(name)
-    args, kwargs = models.example_inputs(model, seq=8)
-    compiled = optc.compile(model)
-    with torch.no_grad():
-        assert_matches_eager(compiled(*args, **kwargs), model(*args, **kwargs))
-    assert compiled.report.summary()["pass_stats"][0].get("fuse_qkv", {}) == expected
+def test_zoo_statistics(name: str, expected: dict, stats_on):
+    assert stats_on(f"zoo:{name}", "fuse_qkv") == expected
 
 
 @pytest.mark.parametrize("arch,expected", [
     ("llama", {"groups": 2}), ("bert", {"groups": 2}), ("opt", {"groups": 2}), ("gpt2", {})])
-def test_hf_statistics(arch: str, expected: dict, assert_matches_eager):
-    model = build_hf(arch)
-    args, kwargs = hf_example_inputs(model, seq=8)
-    compiled = optc.compile(model)
-    with torch.no_grad():
-        assert_matches_eager(compiled(*args, **kwargs), model(*args, **kwargs))
-    assert compiled.report.summary()["pass_stats"][0].get("fuse_qkv", {}) == expected
+def test_hf_statistics(arch: str, expected: dict, stats_on):
+    assert stats_on(f"hf:{arch}", "fuse_qkv") == expected

@@ -9,9 +9,7 @@ import torch
 import torch.nn as nn
 from expecttest import assert_expected_inline
 
-import models
 import optc
-from models.hf import build_hf, hf_example_inputs
 from optc.capture import capture_export
 from optc.graph.printer import format_graph
 from optc.graph.verifier import verify
@@ -204,22 +202,12 @@ def test_split_heads_must_not_fire(case: str):
     ("gpt2-tiny", {"embedding_arange": 1, "split_heads": 2}),
     ("bert-tiny", {"embedding_arange": 1, "embedding_zeros": 1, "split_heads": 2}),
     ("opt-tiny", {"split_heads": 2}), ("llama-tiny", {})])
-def test_zoo_statistics(name: str, expected: dict, assert_matches_eager):
-    model = models.build(name)
-    args, kwargs = models.example_inputs(model, seq=8)
-    compiled = optc.compile(model)
-    with torch.no_grad():
-        assert_matches_eager(compiled(*args, **kwargs), model(*args, **kwargs))
-    assert compiled.report.summary()["pass_stats"][0].get("strength_reduce", {}) == expected
+def test_zoo_statistics(name: str, expected: dict, stats_on):
+    assert stats_on(f"zoo:{name}", "strength_reduce") == expected
 
 
 @pytest.mark.parametrize("arch,expected", [
     ("gpt2", {"embedding_arange": 1, "split_heads": 2}), ("bert", {"split_heads": 2}),
     ("opt", {}), ("llama", {})])
-def test_hf_statistics(arch: str, expected: dict, assert_matches_eager):
-    model = build_hf(arch)
-    args, kwargs = hf_example_inputs(model, seq=8)
-    compiled = optc.compile(model)
-    with torch.no_grad():
-        assert_matches_eager(compiled(*args, **kwargs), model(*args, **kwargs))
-    assert compiled.report.summary()["pass_stats"][0].get("strength_reduce", {}) == expected
+def test_hf_statistics(arch: str, expected: dict, stats_on):
+    assert stats_on(f"hf:{arch}", "strength_reduce") == expected

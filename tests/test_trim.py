@@ -31,8 +31,7 @@ def test_freed_heap_below_a_live_block_is_returned():
     released = release_free_memory()
     after = _rss_kib()
     assert pin.sum() == 1 << 10
-    if not released:
-        pytest.skip("this libc's malloc_trim returned nothing (heap layout differs)")
+    assert released
     assert before - after > 128 * 1024, (before, after)   # most of the 256 MiB came back
 
 

@@ -25,10 +25,10 @@ import torch
 import torch.fx as fx
 
 from optc.config import PassConfig
+from optc.graph.match import val as _val, is_call as _is
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
-from optc.passes.match import val as _val, is_call as _is
 
 aten = torch.ops.aten
 _TO = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default}

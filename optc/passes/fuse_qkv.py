@@ -37,10 +37,10 @@ import torch
 import torch.fx as fx
 
 from optc.config import PassConfig
+from optc.graph.match import val as _val, attr_value as _attr
 from optc.graph.shape import propagate_node, same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
-from optc.passes.match import val as _val, attr_value as _attr
 
 aten = torch.ops.aten
 
@@ -106,18 +106,16 @@ def _repropagate(starts: list[fx.Node], order: dict[fx.Node, int],
         todo.sort(key=order.__getitem__)
 
 
-def _fuse(gm: fx.GraphModule, x: fx.Node, group: list[fx.Node]) -> bool:
+def _fuse(gm: fx.GraphModule, x: fx.Node, group: list[fx.Node], ws: list[torch.Tensor],
+          has_bias: bool) -> bool:
     g = gm.graph
-    parts = [_member(gm, n) for n in group]
-    ws = [p[0] for p in parts]
-    bs = [p[1] for p in parts]
     order = {n: i for i, n in enumerate(g.nodes)}
     first = min(group, key=order.__getitem__)
     with g.inserting_before(first):
         w_cat = g.call_function(aten.cat.default, ([n.args[1] for n in group], 0))
         args: tuple = (x, w_cat)
         consts = [w_cat]
-        if bs[0] is not None:
+        if has_bias:
             b_cat = g.call_function(aten.cat.default, ([n.args[2] for n in group], 0))
             args = (x, w_cat, b_cat)
             consts.append(b_cat)
@@ -163,24 +161,24 @@ def _fuse(gm: fx.GraphModule, x: fx.Node, group: list[fx.Node]) -> bool:
 def run(gm: fx.GraphModule, cfg: FuseQKVConfig) -> PassResult:
     stats: Counter[str] = Counter()
     g = gm.graph
-    groups: dict[tuple, list[fx.Node]] = {}
+    groups: dict[tuple, list[tuple[fx.Node, torch.Tensor]]] = {}   # key -> [(linear, weight)]
     for n in g.nodes:
         part = _member(gm, n)
         if part is None:
             continue
         w, b = part
         key = (n.args[0], w.dtype, w.device, w.shape[1], b is not None)
-        groups.setdefault(key, []).append(n)
-    for key, group in groups.items():
-        if len(group) < max(2, cfg.min_group):
+        groups.setdefault(key, []).append((n, w))
+    for key, members in groups.items():
+        if len(members) < max(2, cfg.min_group):
             continue
-        nbytes = sum(_member(gm, n)[0].nbytes for n in group)
-        if nbytes > cfg.max_weight_bytes:
+        ws = [w for _, w in members]
+        if sum(w.nbytes for w in ws) > cfg.max_weight_bytes:
             stats["skipped_size"] += 1
             continue
         if not take_rewrite():
             break
-        if _fuse(gm, key[0], group):
+        if _fuse(gm, key[0], [n for n, _ in members], ws, has_bias=key[4]):
             stats["groups"] += 1
         else:
             stats["skipped_layout"] += 1

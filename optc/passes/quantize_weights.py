@@ -49,11 +49,11 @@ import torch.fx as fx
 from torch import Tensor
 
 from optc.config import ConfigError, PassConfig
+from optc.graph.match import is_call as _is, attr_value as _attr
 from optc.graph.meta import module_paths
 from optc.graph.shape import propagate_node
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
-from optc.passes.match import is_call as _is, attr_value as _attr
 from optc.quant.formats import BFP_BLOCKS, INT4_GROUPS, QuantScheme, unsupported_reason
 
 aten = torch.ops.aten

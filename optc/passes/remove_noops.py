@@ -28,10 +28,10 @@ import torch
 import torch.fx as fx
 
 from optc.config import PassConfig
+from optc.graph.match import val as _val
 from optc.graph.shape import same_shape
 from optc.passes.base import PassInfo, PassResult
 from optc.passes.manager import take_rewrite
-from optc.passes.match import val as _val
 
 aten = torch.ops.aten
 

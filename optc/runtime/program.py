@@ -115,10 +115,6 @@ def _out_overload(t: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
 SMALL_UNPLANNED_BYTES = 256 << 10
 
 
-def _small(v: torch.Tensor) -> bool:
-    return _small_enough(v, SMALL_UNPLANNED_BYTES - 1)
-
-
 # A constant-only value larger than this is computed on every call instead of kept (keeping it
 # would hold a second copy of weights-sized data for the program's lifetime).
 FOLD_MAX_BYTES = 16 << 20
@@ -238,7 +234,8 @@ class Program:
                     self.stats.unplanned_values += 1
                 continue
             form = _out_overload(n.target)
-            if form is not None and n.target not in _FAST_OUT and _small(v):
+            if form is not None and n.target not in _FAST_OUT and \
+                    _small_enough(v, SMALL_UNPLANNED_BYTES - 1):
                 form = None     # the generic out= call costs more than allocating a small result
             if form is None or not is_non_overlapping_and_dense(v) or v.storage_offset() != 0 \
                     or (arena_device is not None and v.device != arena_device):

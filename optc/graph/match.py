@@ -1,4 +1,5 @@
-"""Small node predicates every pattern pass uses (one definition, imported by each pass)."""
+"""Node predicates the pattern passes share: a node's fake value, "is a call of", and the
+object a ``get_attr`` names (one definition, imported by each pass)."""
 
 from __future__ import annotations
 
