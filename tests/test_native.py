@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C++ 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTC_CACHE_DIR", str(tmp_path))
-    native._library.cache_clear()
+    native.reset()
     yield tmp_path
-    native._library.cache_clear()
+    native.reset()
 
 
 def _int4(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ def test_disabled_and_unavailable_fall_back_to_torch(fresh_cache, monkeypatch):
     assert torch.equal(_bits(Q.int4_weight_t_bf16(w, sz, 64, 256)), _bits(ref))
     monkeypatch.delenv("OPTC_NATIVE")
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native._library.cache_clear()
+    native.reset()
     assert native.library() is None
     assert native.status() == {"state": "unavailable",
                                "reason": "no C++ compiler found ($CXX, c++, g++, clang++)"}

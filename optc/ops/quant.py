@@ -17,31 +17,47 @@ x to bf16 (2^-9 relative) is far below the weights' quantization noise (int8: 2^
 range). Which path runs is a decision table per (kind, M) in ``CPU_PATHS``, generated from
 ``benchmarks/quant_kernels.py`` (measured numbers below); no call ever measures.
 
-Measured (``python -m benchmarks.quant_kernels --rounds 3``, fp32 activations, 2 threads, the
-2-core Xeon VM (AVX-512, AMX) with nothing else running, 2026-12-01;
-``benchmarks/results/quant_kernels.md`` has every cell). Wall ms, min of 3 interleaved rounds::
+CPU paths per kind (``CPU_IMPLS``): ATen's packed kernels (``int8pack``, ``int4pack``), a
+dequantize-once-then-bf16-GEMM path (``dequant``), and optc's native kernels
+(``optc.ops.native``, ``gemv.cpp``), which read the packed weights in place:
 
-    K->N        M     fp32   bf16 | int8pack int8 deq | int4pack  int4 deq | w8a8 int_mm | bfp planes
-    2048->5632  1      1.12   1.36 |  0.683     3.31  |  0.449     5.92  |  0.753      | 0.923
-    2048->5632  16     4.15   1.34 |  4.02      3.29  |  3.4       4.75  |  1.09       | 7.03
-    2048->5632  128    13.8   4.93 |  27.2      6.85  |  24.6      8.15  |  3.65       | 51.6
-    2048->5632  2048    175   39.1 |  357       29.2  |  349       28.9  |  46.3       | 731
-    5632->2048  1     0.916  0.923 |  0.437     2.17  |  0.4       3.55  |  0.626      | 0.862
-    4096->4096  1      1.62   1.53 |  0.712     3.7   |  0.583     6.55  |  0.97       | 1.24
-    4096->4096  2048    273   87.9 |  600       98    |  595       101   |  110        | 1216
+- ``int8 / native``: int8 GEMV, one sequential weight stream per thread, fp32 FMAs on exact
+  int8 x bf16 products;
+- ``int4 / gemv``: int4 GEMV with AVX512-BF16 ``vdpbf16ps`` (nibbles become bf16 ``128 + u``
+  with one OR, the offset removed per group);
+- ``int4 / amx``: the same decode feeding AMX ``tdpbf16ps`` tiles, all M rows per decoded tile.
+  It is the first weight-only path that is near bf16 dense at prefill M (0.7-1.0x at M=128
+  instead of 0.4-0.5x): the weight is decoded once per 256 rows, and the multiply-adds run on
+  the AMX unit.
 
-At decode (M=1) the packed kernels are 2.3x (int4, median over the TinyLlama shapes) and 1.6x
-(int8) faster than fp32 ``F.linear`` (2.9x / 2.0x than bf16); int4pack 2048->5632 reads its
-5.8 MB in 0.45 ms, ~13 GB/s. They recompute the dequantization for every row, so their time
-grows ~0.2 ms per row at 2048->5632 and from M ~ 16 the paths that dequantize once to bf16 and
-run oneDNN's bf16 GEMM win (int8: a plain cast; int4: ``int4_weight_t_bf16``, optc's native
-kernel at ~13 GB/s, 4x faster than the torch-op version, which made the int4 crossover move from
-M=128 to M=16). Against *bf16* dense, weight-only paths at M >= 16 are 0.4-0.73x (medians; the
-dequantization is extra work on top of the same GEMM): ``slower_than_dense`` says so and
-``optc inspect`` prints it. W8A8 ``_int_mm`` (VNNI/AMX) is the only quantized path faster than
-bf16 dense at M = 4..128. BFP: the two-plane int4 form (block 32) is 1.06x fp32 / 1.42x bf16 at
-M=1; block 16 has no ATen kernel and runs dequantize + bf16 GEMM, 0.05x dense at M=1 (memory
-only).
+Each native path falls back to the ATen / dequant path it replaced when the kernel is not
+there (no compiler, ``OPTC_NATIVE=0``, a CPU without AVX512-BF16 or AMX).
+
+Measured with ``python -m benchmarks.quant_kernels --ms 1,2,4,16,64,128,512,2048``: fp32
+activations, 2 threads, on the 2-core Xeon VM (AVX-512, AMX), 2026-12-01. M <= 16 was
+re-measured after the call-overhead fix. ``benchmarks/results/quant_kernels.md`` has every
+cell. Wall ms, minimum of 5 interleaved rounds; GB/s is the weight bytes read per call::
+
+    K->N         M   bf16 | int8pack  native  dequant | int4pack  gemv   amx  dequant (g128)
+    2048->5632   1   0.95 |  0.51     0.36    -       |  0.41     0.29   0.31   -
+                          |  (23 GB/s  32)            |  (15 GB/s 21)
+    2048->32000  1   5.57 |  3.75     2.38    -       |  2.08     1.41   1.45   -
+    2048->5632   16  1.46 |  5.39     3.81    4.67    |  5.35     4.57   1.42   6.04
+    2048->5632   128 5.31 |  28.7     22.4    7.54    |  25.5     23.9   5.37   9.02
+    2048->5632   512 19.6 |  109      88.3    24.1    |  99.6     95.6   18.7   20.1
+
+The table (``CPU_PATHS``) picks per kind and M the path with the best median speed over the
+TinyLlama shapes relative to dense bf16. Decode (M=1) on the DRAM-bound shapes:
+
+- native int8 is 1.2-1.6x ``_weight_int8pack_mm``;
+- the int4 GEMV is 1.4-1.5x ``_weight_int4pack_mm_for_cpu``, at 21-25 GB/s.
+
+Medians against dense fp32 / bf16 are in ``DENSE_RATIOS``. Weight-only int8 at M >= 16 is still
+0.5-0.6x bf16 dense (cast + bf16 GEMM), and int4 at M >= 128 is 0.66-0.71x; ``slower_than_dense``
+reports both and ``optc inspect`` prints the note. W8A8 ``_int_mm`` (VNNI/AMX) is faster than
+bf16 dense at M = 2..128. BFP: the two-plane int4 form (block 32) runs ATen's int4 kernel,
+1.1x bf16 at M=1. Block 16 runs dequantize + bf16 GEMM, 0.06x dense at M=1, and is worth it for
+its memory only.
 
 The Triton kernels are rendered from ``optc.codegen.templates.quant_gemm``.
 """
@@ -212,6 +228,34 @@ def _int4_dequant_chunked(xb: Tensor, w: Tensor, sz: Tensor, group_size: int) ->
     return y
 
 
+# optc's native kernels (optc.ops.native, gemv.cpp) straight from the packed weights. Each falls
+# back to the path the table chose before the kernel existed when it is unavailable (no
+# compiler, OPTC_NATIVE=0, a CPU without AVX512-BF16 / AMX): the fallback is measured too.
+def _native() -> Any:
+    from optc.ops import native
+    return native
+
+
+def _int8_native(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    y = _native().int8_matmul(_bf16(x2), w, scales, x2.dtype)
+    if y is not None:
+        return y
+    return (_int8pack if x2.shape[0] <= 4 and x2.shape[1] % 16 == 0 else _int8_dequant)(x2, w, scales)
+
+
+def _int4_gemv(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    y = _native().int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=False)
+    return y if y is not None else _int4pack(x2, w, sz, group_size)
+
+
+def _int4_amx(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    y = _native().int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=True)
+    if y is not None:
+        return y
+    return (_int4_gemv if x2.shape[0] <= 2 else _int4pack if x2.shape[0] <= 16 else _int4_dequant)(
+        x2, w, sz, group_size)
+
+
 def _w8a8_int_mm(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     xq, sx = quantize_rows(x2)
     acc = torch._int_mm(xq, w.t())           # (M, N) int32, exact; the (N, K) .t() is fastest
@@ -237,8 +281,9 @@ def _bfp_dequant(x2: Tensor, m: Tensor, e: Tensor, perm: Tensor, block_size: int
 
 
 CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
-    "int8": {"int8pack": _int8pack, "dequant": _int8_dequant},
-    "int4": {"int4pack": _int4pack, "dequant": _int4_dequant},
+    "int8": {"int8pack": _int8pack, "dequant": _int8_dequant, "native": _int8_native},
+    "int4": {"int4pack": _int4pack, "dequant": _int4_dequant, "gemv": _int4_gemv,
+             "amx": _int4_amx},
     "w8a8": {"int_mm": _w8a8_int_mm},
     "bfp_planes": {"int4pack": _bfp_planes, "dequant": _bfp_planes_dequant},
     "bfp_blocks": {"dequant": _bfp_dequant},
@@ -247,8 +292,8 @@ CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
 # Decision table: kind -> ((largest M, path), ...), first match wins. Generated by
 # ``python -m benchmarks.quant_kernels --table`` from its results (module docstring).
 CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
-    "int8": ((4, "int8pack"), (1 << 62, "dequant")),
-    "int4": ((16, "int4pack"), (1 << 62, "dequant")),
+    "int8": ((16, "native"), (1 << 62, "dequant")),
+    "int4": ((1, "gemv"), (512, "amx"), (1 << 62, "dequant")),
     "w8a8": ((1 << 62, "int_mm"),),
     "bfp_planes": ((16, "int4pack"), (1 << 62, "dequant")),
     "bfp_blocks": ((1 << 62, "dequant"),),
@@ -257,18 +302,17 @@ CPU_PATHS: dict[str, tuple[tuple[int, str], ...]] = {
 # path CPU_PATHS picks: median over the TinyLlama-1.1B linear shapes. Below 1: slower than the
 # unquantized linear of that dtype, reported by ``slower_than_dense`` (and ``optc inspect``).
 DENSE_RATIOS: dict[str, tuple[tuple[int, float, float], ...]] = {
-    "int8": ((1, 1.63, 2.03), (4, 2.17, 1.11), (16, 1.26, 0.41), (64, 1.57, 0.58),
-             (128, 2.01, 0.55), (512, 2.35, 0.78), (1 << 62, 3.97, 0.72)),
-    "int4": ((1, 2.31, 2.91), (4, 2.45, 1.34), (16, 1.18, 0.39), (64, 1.40, 0.50),
-             (128, 1.85, 0.45), (512, 2.58, 0.70), (1 << 62, 4.01, 0.73)),
-    "w8a8": ((1, 1.46, 1.47), (4, 2.49, 1.38), (16, 3.82, 1.22), (64, 4.05, 1.36),
-             (128, 3.85, 1.05), (512, 3.09, 0.89), (1 << 62, 3.42, 0.62)),
-    "bfp_planes": ((1, 1.06, 1.42), (4, 1.11, 0.64), (16, 0.58, 0.18), (64, 0.30, 0.17),
-                   (128, 0.85, 0.19), (512, 1.40, 0.34), (1 << 62, 2.25, 0.37)),
-    "bfp_blocks": ((1, 0.05, 0.06), (4, 0.11, 0.05), (16, 0.18, 0.06), (64, 0.34, 0.12),
-                   (128, 0.50, 0.14), (512, 1.18, 0.28), (1 << 62, 2.07, 0.36)),
+    "int8": ((1, 2.52, 2.34), (2, 2.08, 1.98), (4, 3.11, 1.49), (16, 1.43, 0.49), (64, 1.48, 0.58),
+             (128, 1.99, 0.58), (512, 2.46, 0.58), (1 << 62, 3.97, 0.74)),
+    "int4": ((1, 3.08, 3.13), (2, 2.76, 2.97), (4, 4.92, 2.65), (16, 5.50, 1.77), (64, 2.85, 0.97),
+             (128, 2.58, 0.71), (512, 2.33, 0.66), (1 << 62, 4.20, 0.77)),
+    "w8a8": ((1, 1.46, 1.36), (2, 1.43, 1.51), (4, 2.79, 1.51), (16, 4.22, 1.38), (64, 3.99, 1.35),
+             (128, 3.88, 1.01), (512, 3.31, 0.89), (1 << 62, 3.37, 0.65)),
+    "bfp_planes": ((1, 1.09, 1.13), (2, 0.86, 0.85), (4, 1.17, 0.62), (16, 0.55, 0.18),
+                   (64, 0.34, 0.15), (128, 0.44, 0.12), (512, 1.10, 0.27), (1 << 62, 2.08, 0.36)),
+    "bfp_blocks": ((1, 0.06, 0.06), (2, 0.06, 0.07), (4, 0.12, 0.07), (16, 0.19, 0.07),
+                   (64, 0.33, 0.11), (128, 0.49, 0.11), (512, 1.04, 0.26), (1 << 62, 2.01, 0.33)),
 }
-
 
 
 def slower_than_dense(kind: str, m: int, dtype: torch.dtype) -> str | None:
@@ -316,14 +360,27 @@ def describe_cpu_node(node: Any) -> str:
 
 
 def _native_note(kind: str, paths: set[str]) -> str:
-    """Which int4 dequantization the dequant path runs: optc's native kernel or torch's."""
-    if kind not in ("int4", "bfp_planes") or "dequant" not in paths:
-        return ""
+    """Whether the native kernels behind these paths run here, or what runs instead."""
     from optc.ops import native
-    if native.library() is not None:
-        return "; int4 dequantization: native C++ kernel"
-    st = native.status()
-    return f"; int4 dequantization: torch ops (native kernel {st['state']}: {st.get('reason', '')})"
+    notes = []
+    if paths & {"native", "gemv", "amx"}:
+        feats = native.features()
+        need = {"native": native.INT8_GEMV, "gemv": native.INT4_GEMV, "amx": native.INT4_AMX}
+        missing = sorted(p for p in paths & need.keys() if not feats & need[p])
+        if missing:
+            st = native.status()
+            notes.append(f"native {'/'.join(missing)} kernel unavailable here ({st['state']}: "
+                         f"{st.get('reason', '')[:120]}), its ATen/dequant fallback runs")
+        else:
+            notes.append("native C++ kernel")
+    if kind in ("int4", "bfp_planes") and "dequant" in paths:
+        if native.library() is not None:
+            notes.append("int4 dequantization: native C++ kernel")
+        else:
+            st = native.status()
+            notes.append(f"int4 dequantization: torch ops (native kernel {st['state']}: "
+                         f"{st.get('reason', '')})")
+    return "".join(f"; {n}" for n in notes)
 
 
 def kind_of(q: fmt.QuantizedWeight) -> str:

@@ -1,7 +1,11 @@
-"""optc's native CPU kernels (``dequant.cpp``): built on first use, cached, optional.
+"""optc's native CPU kernels (``dequant.cpp``, ``gemv.cpp``): built on first use, cached, optional.
 
-The C++ file has a plain C ABI and includes only ATen/Parallel.h (torch's thread pool), so it
-compiles in about a second with the system C++ compiler (``$CXX``, else ``c++``/``g++``) at
+- ``dequant.cpp``: tile-64 int4 -> transposed bf16 weight (the prefill dequantize-then-GEMM path);
+- ``gemv.cpp``: quantized matmuls straight from the packed weights: int8 and int4 GEMV for
+  decode (AVX-512 / AVX512-BF16), and an int4 GEMM on AMX tiles for M from a few rows up.
+
+The C++ files have a plain C ABI and include only ATen/Parallel.h (torch's thread pool), so they
+compile in a few seconds with the system C++ compiler (``$CXX``, else ``c++``/``g++``) at
 ``-O3 -march=native``; it is loaded with ctypes, which releases the GIL during calls. The shared
 library is cached under ``<optc cache>/native/<hash>/`` keyed by the source, the compiler's
 version, the flags, this CPU's instruction-set flags and the torch version (a cache shared
@@ -13,6 +17,7 @@ torch paths; :func:`status` says which and why (``optc inspect`` prints it).
 
     from optc.ops import native
     wt = native.int4_weight_t_bf16(w_int4, scales_zeros, group_size, k)   # None: use torch
+    y = native.int4_matmul(x2_bf16, w_int4, scales_zeros, group_size, n, amx=True)  # None: torch
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from torch import Tensor
 
 from optc import knobs
 
-SOURCE = Path(__file__).with_name("dequant.cpp")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("dequant.cpp", "gemv.cpp"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
-ABI_VERSION = 3
+ABI_VERSION = 4
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -67,6 +72,10 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def _source_text() -> str:
+    return "\n".join(p.read_text() for p in SOURCES)
+
+
 def _key(cxx: str, source: str) -> str:
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
@@ -85,7 +94,7 @@ def _build(cxx: str, path: Path) -> None:
     os.close(fd)
     try:
         inc, link = _torch_flags()
-        proc = subprocess.run([cxx, *FLAGS, *inc, str(SOURCE), "-o", tmp, *link],
+        proc = subprocess.run([cxx, *FLAGS, *inc, *map(str, SOURCES), "-o", tmp, *link],
                               capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
@@ -99,10 +108,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.optc_native_abi_version() != ABI_VERSION:
         raise OSError(f"{path}: ABI version {lib.optc_native_abi_version()} != {ABI_VERSION}")
-    f = lib.optc_int4_tile64_to_bf16_t
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    for name, args in (("optc_int4_tile64_to_bf16_t", [p, p, p] + [i64] * 6),
+                       ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
+                       ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
+                       ("optc_gemv_features", [])):
+        f = getattr(lib, name)
+        f.restype, f.argtypes = ctypes.c_int, args
     return lib
 
 
@@ -112,7 +124,7 @@ def _library(cache_root: str) -> ctypes.CDLL | None:
     if cxx is None:
         _status.update(state="unavailable", reason="no C++ compiler found ($CXX, c++, g++, clang++)")
         return None
-    path = Path(cache_root) / "native" / _key(cxx, SOURCE.read_text()) / "liboptc_native.so"
+    path = Path(cache_root) / "native" / _key(cxx, _source_text()) / "liboptc_native.so"
     try:
         if not path.exists():
             _build(cxx, path)
@@ -178,3 +190,93 @@ def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k:
                            f"w {tuple(w_int4.shape)}, scales_zeros {tuple(scales_zeros.shape)}, "
                            f"group {group_size}, k {k}, cols {cols}")
     return out[:, :width] if out.shape[1] != width else out
+
+
+# bits of optc_gemv_features()
+INT8_GEMV, INT4_GEMV, INT4_AMX = 1, 2, 4
+
+
+_HOT: dict[str | None, tuple[ctypes.CDLL | None, int]] = {}
+
+
+def _hot() -> tuple[ctypes.CDLL | None, int]:
+    """(library, features) for the per-call paths: ``library()`` resolves the cache directory
+    and reads knobs (~20 us), too slow for a decode step's ~150 matmuls, so its answer is kept
+    per value of ``OPTC_NATIVE``. :func:`reset` forgets it."""
+    key = os.environ.get(knobs.NATIVE.name)
+    hit = _HOT.get(key)
+    if hit is None:
+        lib = library()
+        hit = _HOT[key] = (lib, 0 if lib is None else int(lib.optc_gemv_features()))
+    return hit
+
+
+def reset() -> None:
+    """Forget the loaded library (the next call builds or loads it again), e.g. after the
+    cache directory changed."""
+    _library.cache_clear()
+    _HOT.clear()
+
+
+def features() -> int:
+    """Which matmul kernels this build has on this CPU (``INT8_GEMV | INT4_GEMV | INT4_AMX``):
+    0 without the library. AMX also needs the kernel to grant the process AMX state."""
+    return _hot()[1]
+
+
+def _out(m: int, n: int, dtype: torch.dtype) -> Tensor:
+    return torch.empty(m, n, dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+
+
+def int8_matmul(x2: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype
+                ) -> Tensor | None:
+    """``x2 (M, K) bf16 @ (w_int8 (N, K) * scales (N,)).T`` as (M, N), bf16 when ``out_dtype`` is
+    bf16 else fp32 (fp32 sums of exact products); None when the kernel is not available or the
+    arguments are not the layout it reads (K % 16, contiguous CPU tensors)."""
+    m, k = x2.shape
+    n = w_int8.shape[0]
+    if (x2.dtype != torch.bfloat16 or w_int8.dtype != torch.int8 or scales.dtype != torch.bfloat16
+            or k % 16 or w_int8.shape[1] != k or scales.shape != (n,) or m == 0
+            or not (x2.is_contiguous() and w_int8.is_contiguous() and scales.is_contiguous())
+            or x2.device.type != "cpu" or w_int8.device.type != "cpu"):
+        return None
+    lib, feats = _hot()
+    if not feats & INT8_GEMV:
+        return None
+    y = _out(m, n, out_dtype)
+    rc = lib.optc_gemv_int8(x2.data_ptr(), w_int8.data_ptr(), scales.data_ptr(),
+                                  y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, n, n)
+    if rc != 0:
+        raise RuntimeError(f"optc native int8 GEMV rejected its arguments (code {rc}): "
+                           f"x {tuple(x2.shape)}, w {tuple(w_int8.shape)}")
+    return y
+
+
+def int4_matmul(x2: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: int,
+                out_dtype: torch.dtype, *, amx: bool) -> Tensor | None:
+    """``x2 (M, K) bf16 @ dequantize(tile-64 int4).T`` as (M, n): with ``amx`` the AMX GEMM
+    (any M; None where AMX is unavailable or the group is not a multiple of 32), else the
+    AVX512-BF16 GEMV (meant for M of 1-2: it decodes the weight once per 4 rows). Output bf16
+    when ``out_dtype`` is bf16 else fp32. None when the kernel is not available or the
+    arguments are not the layout it reads."""
+    m, k = x2.shape
+    np_ = w_int4.shape[0]
+    if (x2.dtype != torch.bfloat16 or w_int4.dtype != torch.uint8 or w_int4.dim() != 2
+            or w_int4.shape[1] * 2 != k or np_ % 64 or group_size <= 0 or group_size % 2
+            or k % group_size or scales_zeros.dtype != torch.bfloat16
+            or tuple(scales_zeros.shape) != (k // group_size, np_, 2) or not 0 < n <= np_
+            or m == 0 or x2.device.type != "cpu" or w_int4.device.type != "cpu"
+            or not (x2.is_contiguous() and w_int4.is_contiguous()
+                    and scales_zeros.is_contiguous())):
+        return None
+    lib, feats = _hot()
+    if not feats & (INT4_AMX if amx else INT4_GEMV) or (amx and group_size % 32):
+        return None
+    y = _out(m, n, out_dtype)
+    rc = lib.optc_gemv_int4(x2.data_ptr(), w_int4.data_ptr(), scales_zeros.data_ptr(),
+                                  y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, np_, n,
+                                  group_size, n, int(amx))
+    if rc != 0:
+        raise RuntimeError(f"optc native int4 matmul rejected its arguments (code {rc}): "
+                           f"x {tuple(x2.shape)}, w {tuple(w_int4.shape)}, group {group_size}")
+    return y

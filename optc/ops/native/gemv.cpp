@@ -1,0 +1,452 @@
+// optc native CPU kernels: weight-only quantized GEMV for decode (a few rows of activations).
+//
+// Both kernels read optc's packed formats in place (optc/quant/formats.py, the layouts ATen's
+// _weight_int8pack_mm / _weight_int4pack_mm_for_cpu read), take bf16 activations x (M, K) and
+// write y (M, N) in bf16 or fp32, accumulating in fp32. Decode reads every weight byte once per
+// token, so these are streaming loops written to keep up with DRAM on two cores; the output
+// channels are split over torch's OpenMP pool (at::parallel_for), each thread streaming a
+// contiguous range of the weight.
+//
+// int8 (N, K) int8 per output channel, scales (N,) bf16:
+//     y[m, n] = s[n] * sum_k x[m, k] * w[n, k]
+//   One channel at a time (one sequential stream per thread); 16 weights -> vpmovsxbd ->
+//   vcvtdq2ps -> FMA with x in fp32 (exact products of int8 and bf16 values, fp32 sums).
+//
+// int4 tile-64 (Np/64, K, 32) uint8: byte j of (block b, k) holds channel 64b + j (low nibble) and
+//   64b + j + 32 (high nibble), u in [0, 15]; scales_zeros (K/G, Np, 2) bf16 (s, z) per group g:
+//     w[n, k] = (u - 8) * s + z
+//   Per pair of rows k, k+1 the nibbles become bf16 pairs with one OR: bf16 bits 0x4300 | u are
+//   exactly the value 128 + u, so vdpbf16ps (AVX512-BF16) multiplies them with the (x[k], x[k+1])
+//   pair and sums in fp32: acc = sum_k x (128 + u). Per group and channel
+//     sum_k x w = s * acc + (z - 136 s) * X_g,    X_g = sum over the group of x
+//   (sum x (u - 8) s = s (acc - 128 X_g) - 8 s X_g). The products are exact; the fp32 sums carry
+//   the 128 X_g offset, a relative error ~1e-5 of the result, far below the bf16 output rounding
+//   (2^-9) and the int4 quantization error (tests compare against the dequantized reference).
+#include <ATen/Parallel.h>
+
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define OPTC_HAVE_INT8 1
+#if defined(__AVX512BF16__)
+#define OPTC_HAVE_INT4 1
+#endif
+#endif
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16_rne(float f) {  // round to nearest even; inputs are finite
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+inline void store(void* y, bool out_bf16, int64_t i, float v) {
+    if (out_bf16) static_cast<uint16_t*>(y)[i] = f32_to_bf16_rne(v);
+    else static_cast<float*>(y)[i] = v;
+}
+
+#ifndef OPTC_PF
+#define OPTC_PF 8192
+#endif
+#ifndef OPTC_PF8
+#define OPTC_PF8 4096
+#endif
+#ifndef OPTC_PFH
+#define OPTC_PFH _MM_HINT_T0
+#endif
+constexpr int64_t kPrefetchBytes = OPTC_PF, kPrefetchBytes8 = OPTC_PF8;
+#define kPrefetchHint OPTC_PFH
+constexpr int kMaxRows = 4;   // rows of x per pass over a weight block (accumulators in registers)
+
+#ifdef OPTC_HAVE_INT8
+// y[m, n0:n1] for m < rows; xf (rows, K) fp32; K % 16 == 0.
+template <int rows>
+void int8_channels(const int8_t* w, const uint16_t* scales, const float* xf, void* y,
+                   bool out_bf16, int64_t k, int64_t ldy, int64_t n0, int64_t n1) {
+    // One output channel at a time: each thread reads its rows as one sequential stream (what
+    // the prefetchers follow best), four accumulators per row of x hide the FMA latency.
+    for (int64_t n = n0; n < n1; ++n) {
+        const int8_t* r = w + n * k;
+        __m512 acc[rows][4];
+        for (int m = 0; m < rows; ++m)
+            for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+        int64_t kk = 0;
+        for (; kk + 64 <= k; kk += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(r + kk + kPrefetchBytes8), kPrefetchHint);
+            for (int u = 0; u < 4; ++u) {
+                __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + kk + 16 * u))));
+                for (int m = 0; m < rows; ++m)
+                    acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + m * k + kk + 16 * u),
+                                                acc[m][u]);
+            }
+        }
+        for (int u = 0; kk < k; kk += 16, ++u) {        // K % 64 tail (K % 16 == 0)
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + kk))));
+            for (int m = 0; m < rows; ++m)
+                acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xf + m * k + kk), acc[m][u]);
+        }
+        const float s = bf16_to_f32(scales[n]);
+        for (int m = 0; m < rows; ++m) {
+            __m512 t = _mm512_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]),
+                                     _mm512_add_ps(acc[m][2], acc[m][3]));
+            store(y, out_bf16, m * ldy + n, _mm512_reduce_add_ps(t) * s);
+        }
+    }
+}
+#endif
+
+#ifdef OPTC_HAVE_INT4
+// The bf16 pairs (128 + u[k, c], 128 + u[k + 1, c]) of one 64-channel block at rows k, k + 1 (the 64
+// bytes at r0): v[0] channels 0-15, v[1] 16-31, v[2] 32-47, v[3] 48-63. One vpermb per 16 channels
+// puts byte c of row k and of row k + 1 in the low bytes of one dword's two words.
+inline void decode_pair(const uint8_t* r0, const __m512i idx[2], __m512i nib, __m512i one28,
+                        __m512i v[4]) {
+    const __m512i both = _mm512_loadu_si512(r0);
+    for (int h = 0; h < 2; ++h) {
+        __m512i pair = _mm512_permutexvar_epi8(idx[h], both);
+        v[h] = _mm512_ternarylogic_epi32(pair, nib, one28, 0xEA);            // (pair & nib) | one28
+        v[2 + h] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(pair, 4), nib, one28, 0xEA);
+    }
+}
+
+// vpermb indices for decode_pair: output byte p of half h <- source byte 32 ((p / 2) % 2) + 16 h
+// + p / 4 (the high byte of each word is a don't-care, cleared by the nibble mask)
+inline void pair_indices(__m512i idx[2]) {
+    for (int h = 0; h < 2; ++h) {
+        alignas(64) uint8_t ix[64];
+        for (int p = 0; p < 64; ++p) ix[p] = static_cast<uint8_t>(32 * ((p / 2) % 2) + 16 * h + p / 4);
+        idx[h] = _mm512_load_si512(ix);
+    }
+}
+
+// Blocks [b0, b1) of 64 channels, rows [0, rows) of x (bf16, row stride k); xg (rows, K/G) the
+// group sums of x. Channels >= n (the tile padding) are not written.
+template <int rows>
+void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const float* xg, void* y,
+                 bool out_bf16, int64_t k, int64_t np, int64_t n, int64_t group, int64_t ldy,
+                 int64_t b0, int64_t b1) {
+    const __m512i nib = _mm512_set1_epi32(0x000F000F);
+    const __m512i one28 = _mm512_set1_epi32(0x43004300);   // bf16 128.0 in both halves
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512 c136 = _mm512_set1_ps(136.0f);
+    __m512i idx[2];
+    pair_indices(idx);
+    const int64_t ngroups = k / group;
+    for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* wb = w + b * k * 32;
+        __m512 out[rows][4];
+        for (int m = 0; m < rows; ++m)
+            for (int c = 0; c < 4; ++c) out[m][c] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ngroups; ++g) {
+            __m512 acc[rows][4];
+            for (int m = 0; m < rows; ++m)
+                for (int c = 0; c < 4; ++c) acc[m][c] = _mm512_setzero_ps();
+            const int64_t k_end = (g + 1) * group;
+            for (int64_t kk = g * group; kk < k_end; kk += 2) {
+                const uint8_t* r0 = wb + kk * 32;
+                _mm_prefetch(reinterpret_cast<const char*>(r0 + kPrefetchBytes), kPrefetchHint);
+                __m512i v[4];
+                decode_pair(r0, idx, nib, one28, v);
+                for (int m = 0; m < rows; ++m) {
+                    int32_t xp;
+                    std::memcpy(&xp, x + m * k + kk, 4);
+                    __m512bh xv = (__m512bh)_mm512_set1_epi32(xp);
+                    for (int c = 0; c < 4; ++c)
+                        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], (__m512bh)v[c], xv);
+                }
+            }
+            const uint16_t* szg = sz + (g * np + b * 64) * 2;
+            for (int c = 0; c < 4; ++c) {
+                __m512i p = _mm512_loadu_si512(szg + 32 * c);     // 16 channels' (s, z) pairs
+                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask));
+                __m512 t = _mm512_fnmadd_ps(c136, s, z);          // z - 136 s
+                for (int m = 0; m < rows; ++m) {
+                    __m512 xs = _mm512_set1_ps(xg[m * ngroups + g]);
+                    out[m][c] = _mm512_fmadd_ps(s, acc[m][c], _mm512_fmadd_ps(t, xs, out[m][c]));
+                }
+            }
+        }
+        for (int m = 0; m < rows; ++m)
+            for (int c = 0; c < 4; ++c) {
+                alignas(64) float tmp[16];
+                _mm512_store_ps(tmp, out[m][c]);
+                const int64_t base = b * 64 + c * 16;
+                for (int i = 0; i < 16 && base + i < n; ++i)
+                    store(y, out_bf16, m * ldy + base + i, tmp[i]);
+            }
+    }
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define OPTC_HAVE_AMX 1
+// AMX: the same sums, with TDPBF16PS doing the multiply-adds. Its B operand (16 rows of 16 bf16
+// pairs (k, k + 1)) is exactly decode_pair's layout, so each 32 k x 16 channel tile is decoded into
+// a 1 KiB buffer and loaded; A is x itself (rows x 32 bf16, up to 16 rows per pass), C one
+// (rows x 16) fp32 tile per 16 channels, stored and scaled at each group end. This takes the
+// multiply-adds off the vector ports, which then only decode (measured: the AVX512-BF16 loop is
+// bound by its vector uops, not by DRAM).
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {   // Linux grants AMX state per process on request (arch_prctl)
+    static const bool ok = [] {
+        constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+    }();
+    return ok;
+}
+
+// All M rows of x against blocks [b0, b1). x comes packed as A tiles (pack_a_tiles): tile t holds
+// rows r0(t) = min(16 t, M - 16) .. + 16 (the last tile overlaps the previous one; only its new rows
+// are accumulated), per 32-k chunk 16 rows x 64 bytes at a 64-byte stride: A tiles read straight
+// from x with its 2K-byte row stride thrash L1 (rows 4 KiB apart share a set). Tiles are taken in
+// chunks of kMTiles (kept in L2 across the weight blocks). Per block, group g is decoded into one
+// half of a double buffer while the tiles multiply group g - 1 from the other half.
+constexpr int64_t kMTiles = 16;
+
+inline int64_t tile_row0(int64_t t, int64_t m, int tile_rows) {
+    return 16 * t + tile_rows <= m ? 16 * t : m - tile_rows;
+}
+
+void pack_a_tiles(const uint16_t* x, uint16_t* xp, int64_t m, int64_t k, int tile_rows,
+                  int64_t t0, int64_t t1) {
+    const int64_t kc = k / 32;
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r0 = tile_row0(t, m, tile_rows);
+        for (int64_t j = 0; j < kc; ++j)
+            for (int i = 0; i < tile_rows; ++i)
+                std::memcpy(xp + ((t * kc + j) * tile_rows + i) * 32, x + (r0 + i) * k + 32 * j, 64);
+    }
+}
+
+void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, const float* xg,
+                   void* y, bool out_bf16, int64_t k, int64_t np, int64_t n, int64_t group,
+                   int64_t ldy, int64_t m, int64_t b0, int64_t b1) {
+    const int tile_rows = m < 16 ? static_cast<int>(m) : 16;
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = static_cast<uint8_t>(t <= 4 ? tile_rows : 16);   // 0-3 C, 4 A, 5-7 B
+    }
+    _tile_loadconfig(&cfg);
+    const __m512i nib = _mm512_set1_epi32(0x000F000F);
+    const __m512i one28 = _mm512_set1_epi32(0x43004300);
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512 c136 = _mm512_set1_ps(136.0f);
+    __m512i idx[2];
+    pair_indices(idx);
+    const int64_t ngroups = k / group;
+    const int chunks = static_cast<int>(group / 32);
+    alignas(64) uint8_t bt[2][4][4][16 * 64];    // [buffer][32-k chunk][16 channels] B tiles
+    alignas(64) float ct[4][16 * 16];            // C tiles at a group end
+    const int64_t tiles = (m + 15) / 16, kc = k / 32;
+    float* out = static_cast<float*>(std::aligned_alloc(64, 16 * kMTiles * 64 * sizeof(float)));
+    for (int64_t tc = 0; tc < tiles; tc += kMTiles) {
+        const int64_t tn = tiles - tc < kMTiles ? tiles - tc : kMTiles;
+        const int64_t mc = 16 * tc;                                   // first row of this chunk
+        const int64_t mrows = (m < mc + 16 * tn ? m : mc + 16 * tn) - mc;
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint8_t* wb = w + b * k * 32;
+            std::memset(out, 0, mrows * 64 * sizeof(float));
+            auto decode = [&](int64_t g, int buf) {
+                for (int j = 0; j < chunks; ++j)
+                    for (int r = 0; r < 16; ++r) {
+                        const uint8_t* r0 = wb + (g * group + 32 * j + 2 * r) * 32;
+                        _mm_prefetch(reinterpret_cast<const char*>(r0 + kPrefetchBytes), kPrefetchHint);
+                        __m512i v[4];
+                        decode_pair(r0, idx, nib, one28, v);
+                        for (int c = 0; c < 4; ++c) _mm512_store_si512(bt[buf][j][c] + 64 * r, v[c]);
+                    }
+            };
+            auto multiply = [&](int64_t g, int buf) {
+                const uint16_t* szg = sz + (g * np + b * 64) * 2;
+                for (int64_t t = tc; t < tc + tn; ++t) {
+                    const int64_t r0 = tile_row0(t, m, tile_rows) - mc;    // may be < 0: overlap
+                    const int64_t first = 16 * t - mc;                     // first new row
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (int j = 0; j < chunks; ++j) {
+                        _tile_loadd(4, xp + ((t * kc + g * group / 32 + j) * tile_rows) * 32, 64);
+                        _tile_loadd(5, bt[buf][j][0], 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, bt[buf][j][1], 64);
+                        _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(7, bt[buf][j][2], 64);
+                        _tile_dpbf16ps(2, 4, 7);
+                        _tile_loadd(5, bt[buf][j][3], 64);
+                        _tile_dpbf16ps(3, 4, 5);
+                    }
+                    _tile_stored(0, ct[0], 64);
+                    _tile_stored(1, ct[1], 64);
+                    _tile_stored(2, ct[2], 64);
+                    _tile_stored(3, ct[3], 64);
+                    for (int c = 0; c < 4; ++c) {
+                        __m512i p = _mm512_loadu_si512(szg + 32 * c);
+                        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+                        __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask));
+                        __m512 t = _mm512_fnmadd_ps(c136, s, z);
+                        for (int64_t i = first - r0; i < tile_rows; ++i) {
+                            const int64_t row = r0 + i;
+                            __m512 xs = _mm512_set1_ps(xg[(mc + row) * ngroups + g]);
+                            float* o = out + row * 64 + 16 * c;
+                            _mm512_store_ps(o, _mm512_fmadd_ps(s, _mm512_load_ps(ct[c] + 16 * i),
+                                                               _mm512_fmadd_ps(t, xs, _mm512_load_ps(o))));
+                        }
+                    }
+                }
+            };
+            for (int64_t g = 0; g < ngroups; ++g) {
+                decode(g, static_cast<int>(g & 1));
+                if (g > 0) multiply(g - 1, static_cast<int>((g - 1) & 1));
+            }
+            multiply(ngroups - 1, static_cast<int>((ngroups - 1) & 1));
+            for (int64_t row = 0; row < mrows; ++row)
+                for (int i = 0; i < 64 && b * 64 + i < n; ++i)
+                    store(y, out_bf16, (mc + row) * ldy + b * 64 + i, out[row * 64 + i]);
+        }
+    }
+    std::free(out);
+    _tile_release();
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// Bit 0: the int8 GEMV is compiled in (AVX-512); bit 1: the int4 GEMV (AVX512-BF16); bit 2: its
+// AMX form is compiled in and the OS granted AMX state.
+int optc_gemv_features() {
+    int f = 0;
+#ifdef OPTC_HAVE_INT8
+    f |= 1;
+#endif
+#ifdef OPTC_HAVE_INT4
+    f |= 2;
+#endif
+#ifdef OPTC_HAVE_AMX
+    if (amx_permitted()) f |= 4;
+#endif
+    return f;
+}
+
+// y (M, ldy) <- x (M, K) bf16 @ (w (N, K) int8 * scales (N,))^T. 0 on success.
+int optc_gemv_int8(const uint16_t* x, const int8_t* w, const uint16_t* scales, void* y,
+                   int out_bf16, int64_t m, int64_t k, int64_t n, int64_t ldy) {
+#ifdef OPTC_HAVE_INT8
+    if (k % 16 != 0 || m <= 0 || n <= 0 || ldy < n) return 1;
+    // x to fp32 once (M * K floats, cache-resident)
+    float* xf = new float[m * k];
+    for (int64_t i = 0; i < m * k; ++i) xf[i] = bf16_to_f32(x[i]);
+    for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
+        const int rows = static_cast<int>(m - m0 < kMaxRows ? m - m0 : kMaxRows);
+        void* yr = out_bf16 ? static_cast<void*>(static_cast<uint16_t*>(y) + m0 * ldy)
+                            : static_cast<void*>(static_cast<float*>(y) + m0 * ldy);
+        at::parallel_for(0, n, 64, [&](int64_t c0, int64_t c1) {
+            const float* xr = xf + m0 * k;
+            const bool ob = out_bf16 != 0;
+            switch (rows) {
+                case 1: int8_channels<1>(w, scales, xr, yr, ob, k, ldy, c0, c1); break;
+                case 2: int8_channels<2>(w, scales, xr, yr, ob, k, ldy, c0, c1); break;
+                case 3: int8_channels<3>(w, scales, xr, yr, ob, k, ldy, c0, c1); break;
+                default: int8_channels<4>(w, scales, xr, yr, ob, k, ldy, c0, c1); break;
+            }
+        });
+    }
+    delete[] xf;
+    return 0;
+#else
+    (void)x; (void)w; (void)scales; (void)y; (void)out_bf16; (void)m; (void)k; (void)n; (void)ldy;
+    return 9;
+#endif
+}
+
+// y (M, ldy) <- x (M, K) bf16 @ dequant(tile-64 int4 w, sz, group)^T, channels [0, n). 0 on success.
+int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void* y, int out_bf16,
+                   int64_t m, int64_t k, int64_t np, int64_t n, int64_t group, int64_t ldy,
+                   int use_amx) {
+#ifdef OPTC_HAVE_INT4
+    if (np % 64 != 0 || group <= 0 || group % 2 != 0 || k % group != 0 || m <= 0 || n <= 0
+        || n > np || ldy < n) return 1;
+    const int64_t ngroups = k / group;
+    float* xg = new float[m * ngroups];
+    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+            for (int64_t g = 0; g < ngroups; ++g) {
+                const uint16_t* xr = x + r * k + g * group;
+                __m512 acc = _mm512_setzero_ps();
+                int64_t i = 0;
+                for (; i + 16 <= group; i += 16)
+                    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
+                float s = _mm512_reduce_add_ps(acc);
+                for (; i < group; ++i) s += bf16_to_f32(xr[i]);
+                xg[r * ngroups + g] = s;
+            }
+    });
+#ifdef OPTC_HAVE_AMX
+    if (use_amx && group % 32 == 0 && amx_permitted()) {
+        const int tile_rows = m < 16 ? static_cast<int>(m) : 16;
+        const int64_t tiles = (m + 15) / 16;
+        uint16_t* xp = static_cast<uint16_t*>(std::aligned_alloc(64, tiles * (k / 32) * tile_rows * 64));
+        at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+            pack_a_tiles(x, xp, m, k, tile_rows, t0, t1);
+        });
+        at::parallel_for(0, np / 64, 1, [&](int64_t lo, int64_t hi) {
+            int4_gemm_amx(w, sz, xp, xg, y, out_bf16 != 0, k, np, n, group, ldy, m, lo, hi);
+        });
+        std::free(xp);
+        delete[] xg;
+        return 0;
+    }
+#endif
+    for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
+        const int rows = static_cast<int>(m - m0 < kMaxRows ? m - m0 : kMaxRows);
+        void* yr = out_bf16 ? static_cast<void*>(static_cast<uint16_t*>(y) + m0 * ldy)
+                            : static_cast<void*>(static_cast<float*>(y) + m0 * ldy);
+        at::parallel_for(0, np / 64, 1, [&](int64_t lo, int64_t hi) {
+            const uint16_t* xr = x + m0 * k;
+            const float* xgr = xg + m0 * ngroups;
+            const bool ob = out_bf16 != 0;
+            switch (rows) {
+                case 1: int4_blocks<1>(w, sz, xr, xgr, yr, ob, k, np, n, group, ldy, lo, hi); break;
+                case 2: int4_blocks<2>(w, sz, xr, xgr, yr, ob, k, np, n, group, ldy, lo, hi); break;
+                case 3: int4_blocks<3>(w, sz, xr, xgr, yr, ob, k, np, n, group, ldy, lo, hi); break;
+                default: int4_blocks<4>(w, sz, xr, xgr, yr, ob, k, np, n, group, ldy, lo, hi); break;
+            }
+        });
+    }
+    delete[] xg;
+    return 0;
+#else
+    (void)x; (void)w; (void)sz; (void)y; (void)out_bf16; (void)m; (void)k; (void)np; (void)n;
+    (void)group; (void)ldy; (void)use_amx;
+    return 9;
+#endif
+}
+
+}  // extern "C"

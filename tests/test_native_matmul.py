@@ -1,0 +1,137 @@
+"""optc.ops.native's quantized matmuls (gemv.cpp) against the dequantized weight in fp64.
+
+Tolerances: every product (an int8 or int4 code times a bf16 activation) is exact in fp32; the
+sums are fp32. The int4 kernels sum ``x * (128 + u)`` and remove ``128 * sum(x)`` per group,
+so their fp32 error grows with the activations' mean: measured ~1e-5 relative (norm) for
+N(0, 1) activations, ~3e-5 with a mean of 4. fp32 outputs must be within 2e-4 (an order above
+that, three below the int4 quantization error); bf16 outputs add one rounding (2^-9 relative
+per element, ~1.6e-3 in norm), so within 3e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optc.ops import native
+from optc.ops import quant as Q
+from optc.quant import formats as fmt
+from optc.quant.formats import QuantScheme
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C++ compiler")
+
+FP32_TOL, BF16_TOL = 2e-4, 3e-3
+
+
+def _has(bit: int) -> bool:
+    return bool(native.features() & bit)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def _quant(n: int, k: int, scheme: QuantScheme, seed: int = 0) -> fmt.QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    return fmt.quantize(torch.randn(n, k, generator=g) * 0.05, scheme)
+
+
+def _x(m: int, k: int, mean: float = 0.0, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g) + mean).to(torch.bfloat16)
+
+
+def _ref(x: torch.Tensor, q: fmt.QuantizedWeight) -> torch.Tensor:
+    return x.double() @ fmt.dequantize(q).double().t()
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not _has(native.INT8_GEMV), reason="needs AVX-512")
+@pytest.mark.parametrize("n,k", [(64, 16), (101, 256), (256, 1040)])
+@pytest.mark.parametrize("m", [1, 3, 4, 7])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_int8(threads, n, k, m, out):
+    q = _quant(n, k, QuantScheme("int8"))
+    x = _x(m, k, mean=2.0)
+    y = native.int8_matmul(x, q.tensors["w_int8"], q.tensors["scales"], out)
+    assert y.shape == (m, n) and y.dtype == out
+    assert _rel(y, _ref(x, q)) < (FP32_TOL if out == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512bf16", "amx"])
+@pytest.mark.parametrize("n,k,group", [(64, 64, 32), (100, 256, 64), (192, 384, 128),
+                                       (130, 256, 32)])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("mean", [0.0, 4.0])
+def test_int4(threads, amx, n, k, group, m, mean):
+    if not _has(native.INT4_AMX if amx else native.INT4_GEMV):
+        pytest.skip("needs AMX" if amx else "needs AVX512-BF16")
+    q = _quant(n, k, QuantScheme("int4", group))
+    x = _x(m, k, mean)
+    ref = _ref(x, q)
+    args = (x, q.tensors["w_int4"], q.tensors["scales_zeros"], group, n)
+    y32 = native.int4_matmul(*args, torch.float32, amx=amx)
+    y16 = native.int4_matmul(*args, torch.bfloat16, amx=amx)
+    assert y32.shape == y16.shape == (m, n) and y16.dtype == torch.bfloat16
+    assert _rel(y32, ref) < FP32_TOL
+    assert _rel(y16, ref) < BF16_TOL
+
+
+@pytest.mark.skipif(not _has(native.INT4_AMX), reason="needs AMX")
+@pytest.mark.parametrize("m", [255, 256, 257, 300, 530])
+def test_int4_amx_row_chunks(m):
+    """Several chunks of 16 row tiles, and a last tile that overlaps the one before it: every
+    row exactly once (a row summed twice would be off by its whole value)."""
+    q = _quant(64, 64, QuantScheme("int4", 32))
+    x = _x(m, 64)
+    y = native.int4_matmul(x, q.tensors["w_int4"], q.tensors["scales_zeros"], 32, 64,
+                           torch.float32, amx=True)
+    ref = _ref(x, q)
+    per_row = ((y.double() - ref).norm(dim=1) / ref.norm(dim=1))
+    assert per_row.max().item() < FP32_TOL
+
+
+def test_refuses_what_it_cannot_read():
+    q8 = _quant(64, 40, QuantScheme("int8"))
+    x = _x(1, 40)
+    assert native.int8_matmul(x, q8.tensors["w_int8"], q8.tensors["scales"],
+                              torch.bfloat16) is None                      # K % 16 != 0
+    q8 = _quant(64, 64, QuantScheme("int8"))
+    assert native.int8_matmul(_x(1, 64).float(), q8.tensors["w_int8"], q8.tensors["scales"],
+                              torch.bfloat16) is None                      # fp32 activations
+    q4 = _quant(64, 128, QuantScheme("int4", 32))
+    w, sz = q4.tensors["w_int4"], q4.tensors["scales_zeros"]
+    x = _x(2, 128)
+    assert native.int4_matmul(x.t().contiguous().t(), w, sz, 32, 64, torch.bfloat16,
+                              amx=False) is None                           # not contiguous
+    assert native.int4_matmul(x, w, sz.float(), 32, 64, torch.bfloat16, amx=False) is None
+    assert native.int4_matmul(x, w, sz, 32, 65, torch.bfloat16, amx=False) is None  # n > Np
+
+
+@pytest.mark.parametrize("path", ["native", "gemv", "amx"])
+def test_paths_fall_back_without_the_library(monkeypatch, path):
+    """OPTC_NATIVE=0: each native path runs the torch/ATen path it replaces, same numbers."""
+    kind = "int8" if path == "native" else "int4"
+    q = _quant(128, 256, QuantScheme("int8") if kind == "int8" else QuantScheme("int4", 64))
+    x = torch.randn(3, 256)
+    ref = _ref(x.to(torch.bfloat16), q)
+    with_native = Q.run_cpu_path(q, x, None, path)
+    monkeypatch.setenv("OPTC_NATIVE", "0")
+    assert native.library() is None and native.features() == 0
+    without = Q.run_cpu_path(q, x, None, path)
+    assert with_native.dtype == without.dtype == torch.float32
+    assert _rel(without, ref) < BF16_TOL and _rel(with_native, ref) < BF16_TOL
+
+
+def test_table_paths_exist():
+    """Every path the decision table names is an implementation of that kind."""
+    for kind, buckets in Q.CPU_PATHS.items():
+        for _, path in buckets:
+            assert path in Q.CPU_IMPLS[kind], (kind, path)
