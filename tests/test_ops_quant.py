@@ -334,3 +334,22 @@ def test_cost_and_inventory_know_the_ops():
     assert entry["op"] == "optc.linear_int4" and entry["triton"].startswith("generated")
     assert f"[M=3: {Q.cpu_path('int4', 3, 256)} path" in entry["cpu"]
     assert entry["source"].startswith("# optc kernel linear_int4")
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme("int8"), QuantScheme("int4", 64)], ids=str)
+def test_dequant_scratch_buffer_is_reused_safely(scheme):
+    """The dequant paths write the bf16 weight into one per-thread scratch buffer: results of
+    earlier calls stay intact, each call uses its own weight, and an input that requires grad
+    (autograd keeps the weight for backward) gets a weight of its own."""
+    qs = [fmt.quantize(torch.randn(96, 128, generator=torch.Generator().manual_seed(i)) * 0.02,
+                       scheme) for i in range(2)]
+    x = torch.randn(32, 128)
+    ys = [Q.run_cpu_path(q, x, None, "dequant") for q in qs]
+    for q, y in zip(qs, ys):
+        assert fmt.sqnr_db(_reference(q, x, None), y) > FLOOR_DB
+    xg = x.clone().requires_grad_()
+    y = Q.run_cpu_path(qs[0], xg, None, "dequant")
+    Q.run_cpu_path(qs[1], x, None, "dequant")            # overwrites the scratch buffer
+    y.sum().backward()
+    want = fmt.dequantize(qs[0]).sum(0).expand_as(x)
+    assert torch.allclose(xg.grad, want, rtol=2e-2, atol=1e-3)

@@ -244,8 +244,8 @@ def int8_matmul(x2: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dty
     if not feats & INT8_GEMV:
         return None
     y = _out(m, n, out_dtype)
-    rc = lib.optc_gemv_int8(x2.data_ptr(), w_int8.data_ptr(), scales.data_ptr(),
-                                  y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, n, n)
+    rc = lib.optc_gemv_int8(x2.data_ptr(), w_int8.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                            int(y.dtype == torch.bfloat16), m, k, n, n)
     if rc != 0:
         raise RuntimeError(f"optc native int8 GEMV rejected its arguments (code {rc}): "
                            f"x {tuple(x2.shape)}, w {tuple(w_int8.shape)}")
@@ -274,8 +274,8 @@ def int4_matmul(x2: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: in
         return None
     y = _out(m, n, out_dtype)
     rc = lib.optc_gemv_int4(x2.data_ptr(), w_int4.data_ptr(), scales_zeros.data_ptr(),
-                                  y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, np_, n,
-                                  group_size, n, int(amx))
+                            y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, np_, n,
+                            group_size, n, int(amx))
     if rc != 0:
         raise RuntimeError(f"optc native int4 matmul rejected its arguments (code {rc}): "
                            f"x {tuple(x2.shape)}, w {tuple(w_int4.shape)}, group {group_size}")
