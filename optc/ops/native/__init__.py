@@ -37,6 +37,7 @@ from torch import Tensor
 from optc import knobs
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("dequant.cpp", "gemv.cpp"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)       # part of the cache key, not compiled
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 ABI_VERSION = 4
 _status: dict[str, str] = {"state": "not built"}
@@ -73,7 +74,7 @@ def _cpu_flags() -> str:
 
 
 def _source_text() -> str:
-    return "\n".join(p.read_text() for p in SOURCES)
+    return "\n".join(p.read_text() for p in SOURCES + HEADERS)
 
 
 def _key(cxx: str, source: str) -> str:

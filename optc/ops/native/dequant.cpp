@@ -17,24 +17,15 @@
 // torch reference's single rounding of the fp32 result (optc.ops.quant.int4_weight_t_bf16).
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16_rne(float f) {  // round to nearest even; inputs are finite
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
+using optc_native::bf16_to_f32;
+using optc_native::f32_to_bf16_rne;
 
 void int4_blocks(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t k, int64_t np,
                  int64_t group, int64_t ldo, int64_t first, int64_t b0, int64_t b1) {

@@ -24,6 +24,8 @@
 //   (2^-9) and the int4 quantization error (tests compare against the dequantized reference).
 #include <ATen/Parallel.h>
 
+#include "bf16.h"
+
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -41,19 +43,8 @@
 
 namespace {
 
-inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16_rne(float f) {  // round to nearest even; inputs are finite
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
+using optc_native::bf16_to_f32;
+using optc_native::f32_to_bf16_rne;
 
 inline void store(void* y, bool out_bf16, int64_t i, float v) {
     if (out_bf16) static_cast<uint16_t*>(y)[i] = f32_to_bf16_rne(v);
