@@ -1,6 +1,6 @@
-// optc native CPU kernels: weight-only quantized GEMV for decode (a few rows of activations).
+// optc native CPU kernels: weight-only quantized matmuls, GEMV for decode and an AMX int4 GEMM.
 //
-// Both kernels read optc's packed formats in place (optc/quant/formats.py, the layouts ATen's
+// The kernels read optc's packed formats in place (optc/quant/formats.py, the layouts ATen's
 // _weight_int8pack_mm / _weight_int4pack_mm_for_cpu read), take bf16 activations x (M, K) and
 // write y (M, N) in bf16 or fp32, accumulating in fp32. Decode reads every weight byte once per
 // token, so these are streaming loops written to keep up with DRAM on two cores; the output
@@ -22,6 +22,12 @@
 //   (sum x (u - 8) s = s (acc - 128 X_g) - 8 s X_g). The products are exact; the fp32 sums carry
 //   the 128 X_g offset, a relative error ~1e-5 of the result, far below the bf16 output rounding
 //   (2^-9) and the int4 quantization error (tests compare against the dequantized reference).
+//   The same pairs are AMX's B-tile layout: int4_gemm_amx feeds them to tdpbf16ps for M >= 2.
+//
+// Software prefetch kPrefetchBytes ahead of each weight stream: measured on 30 distinct
+// 2048x5632 weights (2 threads), the int4 GEMV read 8.8 GB/s with none, 18.8 at 2 KiB ahead and
+// 21-22 at 4-8 KiB; the int8 GEMV 12.9 with none and 21-25 at 2-4 KiB ahead. Hint T1, or
+// distances of 16 KiB, were slower.
 #include <ATen/Parallel.h>
 
 #include "bf16.h"
