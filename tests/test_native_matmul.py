@@ -113,6 +113,10 @@ def test_refuses_what_it_cannot_read():
                               amx=False) is None                           # not contiguous
     assert native.int4_matmul(x, w, sz.float(), 32, 64, torch.bfloat16, amx=False) is None
     assert native.int4_matmul(x, w, sz, 32, 65, torch.bfloat16, amx=False) is None  # n > Np
+    # a group of 256 (the format allows up to 128): the AMX kernel buffers 4 chunks of 32
+    w256 = torch.zeros(64, 128, dtype=torch.uint8)
+    sz256 = torch.ones(1, 64, 2, dtype=torch.bfloat16)
+    assert native.int4_matmul(_x(1, 256), w256, sz256, 256, 64, torch.bfloat16, amx=True) is None
 
 
 @pytest.mark.parametrize("path", ["native", "gemv", "amx"])

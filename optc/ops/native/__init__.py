@@ -256,7 +256,7 @@ def int8_matmul(x2: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dty
 def int4_matmul(x2: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: int,
                 out_dtype: torch.dtype, *, amx: bool) -> Tensor | None:
     """``x2 (M, K) bf16 @ dequantize(tile-64 int4).T`` as (M, n): with ``amx`` the AMX GEMM
-    (any M; None where AMX is unavailable or the group is not a multiple of 32), else the
+    (any M; None where AMX is unavailable or the group is not 32, 64, 96 or 128), else the
     AVX512-BF16 GEMV (meant for M of 1-2: it decodes the weight once per 4 rows). Output bf16
     when ``out_dtype`` is bf16 else fp32. None when the kernel is not available or the
     arguments are not the layout it reads."""
@@ -271,7 +271,8 @@ def int4_matmul(x2: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: in
                     and scales_zeros.is_contiguous())):
         return None
     lib, feats = _hot()
-    if not feats & (INT4_AMX if amx else INT4_GEMV) or (amx and group_size % 32):
+    amx_group = group_size % 32 == 0 and group_size <= 128       # gemv.cpp buffers 4 chunks
+    if not feats & (INT4_AMX if amx else INT4_GEMV) or (amx and not amx_group):
         return None
     y = _out(m, n, out_dtype)
     rc = lib.optc_gemv_int4(x2.data_ptr(), w_int4.data_ptr(), scales_zeros.data_ptr(),

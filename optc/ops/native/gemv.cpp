@@ -197,10 +197,11 @@ void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const 
 #define OPTC_HAVE_AMX 1
 // AMX: the same sums, with TDPBF16PS doing the multiply-adds. Its B operand (16 rows of 16 bf16
 // pairs (k, k + 1)) is exactly decode_pair's layout, so each 32 k x 16 channel tile is decoded into
-// a 1 KiB buffer and loaded; A is x itself (rows x 32 bf16, up to 16 rows per pass), C one
-// (rows x 16) fp32 tile per 16 channels, stored and scaled at each group end. This takes the
-// multiply-adds off the vector ports, which then only decode (measured: the AVX512-BF16 loop is
-// bound by its vector uops, not by DRAM).
+// a 1 KiB buffer and loaded; A is x packed into 16-row tiles (pack_a_tiles), C one (rows x 16)
+// fp32 tile per 16 channels, stored and scaled at each group end. The vector ports then only
+// decode, once for up to 256 rows of x: measured (quant_kernels), the AVX512-BF16 GEMV's time grows
+// with every 4 rows (it decodes again), this kernel's barely up to M=16 (1.42 vs 4.57 ms at
+// 2048x5632). At M=1 the GEMV is as fast or faster (a tile op costs as much for 1 row as for 16).
 struct TileConfig {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {};
@@ -406,7 +407,7 @@ int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void
             }
     });
 #ifdef OPTC_HAVE_AMX
-    if (use_amx && group % 32 == 0 && amx_permitted()) {
+    if (use_amx && group % 32 == 0 && group <= 128 && amx_permitted()) {   // bt holds 4 chunks
         const int tile_rows = m < 16 ? static_cast<int>(m) : 16;
         const int64_t tiles = (m + 15) / 16;
         uint16_t* xp = static_cast<uint16_t*>(std::aligned_alloc(64, tiles * (k / 32) * tile_rows * 64));
