@@ -255,8 +255,9 @@ def _int4_dequant_chunked(xb: Tensor, w: Tensor, sz: Tensor, group_size: int) ->
 
 
 # optc's native kernels (optc.ops.native, gemv.cpp) straight from the packed weights. Each falls
-# back to the path the table chose before the kernel existed when it is unavailable (no
-# compiler, OPTC_NATIVE=0, a CPU without AVX512-BF16 / AMX): the fallback is measured too.
+# back, when the kernel is unavailable (no compiler, OPTC_NATIVE=0, a CPU without AVX512-BF16 /
+# AMX), to what the decision table chose before these kernels existed (its earlier
+# quant_kernels run: int8pack for M <= 4, int4pack for M <= 16, else dequant).
 def _native() -> Any:
     from optc.ops import native
     return native
