@@ -80,6 +80,7 @@ from optc.codegen.generator import (
     KernelOrigin, arg_list, fill, load_kernel, render, row_offset, sym, texpr,
 )
 from optc.codegen.templates import quant_gemm as T
+from optc.ops import native
 from optc.ops.registry import define
 from optc.quant import formats as fmt
 
@@ -135,7 +136,6 @@ def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k:
     native kernel (``optc.ops.native``, bit-identical, ~memory speed) when it is available,
     else :func:`int4_weight_t_bf16_torch`. ``scratch``: written into the per-thread scratch
     buffer (valid until the next scratch use on this thread)."""
-    from optc.ops import native
     out = _scratch_bf16(k, w_int4.shape[0]) if scratch else None
     wt = native.int4_weight_t_bf16(w_int4, scales_zeros, group_size, k, out=out)
     return wt if wt is not None else int4_weight_t_bf16_torch(w_int4, scales_zeros, group_size, k)
@@ -239,7 +239,6 @@ def _int4_dequant(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
 
 def _int4_dequant_chunked(xb: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor | None:
     """``_int4_dequant`` column chunk by column chunk (native kernel only; None without it)."""
-    from optc.ops import native
     if native.library() is None:
         return None
     k, np_ = xb.shape[1], w.shape[0]
@@ -258,25 +257,20 @@ def _int4_dequant_chunked(xb: Tensor, w: Tensor, sz: Tensor, group_size: int) ->
 # back, when the kernel is unavailable (no compiler, OPTC_NATIVE=0, a CPU without AVX512-BF16 /
 # AMX), to what the decision table chose before these kernels existed (its earlier
 # quant_kernels run: int8pack for M <= 4, int4pack for M <= 16, else dequant).
-def _native() -> Any:
-    from optc.ops import native
-    return native
-
-
 def _int8_native(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-    y = _native().int8_matmul(_bf16(x2), w, scales, x2.dtype)
+    y = native.int8_matmul(_bf16(x2), w, scales, x2.dtype)
     if y is not None:
         return y
     return (_int8pack if x2.shape[0] <= 4 and x2.shape[1] % 16 == 0 else _int8_dequant)(x2, w, scales)
 
 
 def _int4_gemv(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
-    y = _native().int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=False)
+    y = native.int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=False)
     return y if y is not None else _int4pack(x2, w, sz, group_size)
 
 
 def _int4_amx(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
-    y = _native().int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=True)
+    y = native.int4_matmul(_bf16(x2), w, sz, group_size, w.shape[0], x2.dtype, amx=True)
     if y is not None:
         return y
     return (_int4_gemv if x2.shape[0] <= 2 else _int4pack if x2.shape[0] <= 16 else _int4_dequant)(
@@ -388,7 +382,6 @@ def describe_cpu_node(node: Any) -> str:
 
 def _native_note(kind: str, paths: set[str]) -> str:
     """Whether the native kernels behind these paths run here, or what runs instead."""
-    from optc.ops import native
     notes = []
     if paths & {"native", "gemv", "amx"}:
         feats = native.features()

@@ -133,18 +133,31 @@ inline void pair_indices(__m512i idx[2]) {
     }
 }
 
+// The constants both int4 kernels decode with, and the per-group scale terms they apply.
+struct Int4Decode {
+    __m512i idx[2];
+    const __m512i nib = _mm512_set1_epi32(0x000F000F);
+    const __m512i one28 = _mm512_set1_epi32(0x43004300);   // bf16 128.0 in both halves
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    const __m512 c136 = _mm512_set1_ps(136.0f);
+
+    Int4Decode() { pair_indices(idx); }
+    void pairs(const uint8_t* r0, __m512i v[4]) const { decode_pair(r0, idx, nib, one28, v); }
+    // s and z - 136 s of the 16 channels 16c .. 16c + 15 of one block's group (szg: its pairs)
+    void scales(const uint16_t* szg, int c, __m512& s, __m512& t) const {
+        __m512i p = _mm512_loadu_si512(szg + 32 * c);
+        s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+        t = _mm512_fnmadd_ps(c136, s, _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask)));
+    }
+};
+
 // Blocks [b0, b1) of 64 channels, rows [0, rows) of x (bf16, row stride k); xg (rows, K/G) the
 // group sums of x. Channels >= n (the tile padding) are not written.
 template <int rows>
 void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const float* xg, void* y,
                  bool out_bf16, int64_t k, int64_t np, int64_t n, int64_t group, int64_t ldy,
                  int64_t b0, int64_t b1) {
-    const __m512i nib = _mm512_set1_epi32(0x000F000F);
-    const __m512i one28 = _mm512_set1_epi32(0x43004300);   // bf16 128.0 in both halves
-    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const __m512 c136 = _mm512_set1_ps(136.0f);
-    __m512i idx[2];
-    pair_indices(idx);
+    const Int4Decode dec;
     const int64_t ngroups = k / group;
     for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* wb = w + b * k * 32;
@@ -160,7 +173,7 @@ void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const 
                 const uint8_t* r0 = wb + kk * 32;
                 _mm_prefetch(reinterpret_cast<const char*>(r0 + kPrefetchBytes), kPrefetchHint);
                 __m512i v[4];
-                decode_pair(r0, idx, nib, one28, v);
+                dec.pairs(r0, v);
                 for (int m = 0; m < rows; ++m) {
                     int32_t xp;
                     std::memcpy(&xp, x + m * k + kk, 4);
@@ -171,10 +184,8 @@ void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const 
             }
             const uint16_t* szg = sz + (g * np + b * 64) * 2;
             for (int c = 0; c < 4; ++c) {
-                __m512i p = _mm512_loadu_si512(szg + 32 * c);     // 16 channels' (s, z) pairs
-                __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-                __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask));
-                __m512 t = _mm512_fnmadd_ps(c136, s, z);          // z - 136 s
+                __m512 s, t;                                      // s, z - 136 s
+                dec.scales(szg, c, s, t);
                 for (int m = 0; m < rows; ++m) {
                     __m512 xs = _mm512_set1_ps(xg[m * ngroups + g]);
                     out[m][c] = _mm512_fmadd_ps(s, acc[m][c], _mm512_fmadd_ps(t, xs, out[m][c]));
@@ -249,12 +260,7 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
         cfg.rows[t] = static_cast<uint8_t>(t <= 4 ? tile_rows : 16);   // 0-3 C, 4 A, 5-7 B
     }
     _tile_loadconfig(&cfg);
-    const __m512i nib = _mm512_set1_epi32(0x000F000F);
-    const __m512i one28 = _mm512_set1_epi32(0x43004300);
-    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-    const __m512 c136 = _mm512_set1_ps(136.0f);
-    __m512i idx[2];
-    pair_indices(idx);
+    const Int4Decode dec;
     const int64_t ngroups = k / group;
     const int chunks = static_cast<int>(group / 32);
     alignas(64) uint8_t bt[2][4][4][16 * 64];    // [buffer][32-k chunk][16 channels] B tiles
@@ -274,7 +280,7 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
                         const uint8_t* r0 = wb + (g * group + 32 * j + 2 * r) * 32;
                         _mm_prefetch(reinterpret_cast<const char*>(r0 + kPrefetchBytes), kPrefetchHint);
                         __m512i v[4];
-                        decode_pair(r0, idx, nib, one28, v);
+                        dec.pairs(r0, v);
                         for (int c = 0; c < 4; ++c) _mm512_store_si512(bt[buf][j][c] + 64 * r, v[c]);
                     }
             };
@@ -303,10 +309,8 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
                     _tile_stored(2, ct[2], 64);
                     _tile_stored(3, ct[3], 64);
                     for (int c = 0; c < 4; ++c) {
-                        __m512i p = _mm512_loadu_si512(szg + 32 * c);
-                        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
-                        __m512 z = _mm512_castsi512_ps(_mm512_and_si512(p, hi_mask));
-                        __m512 t = _mm512_fnmadd_ps(c136, s, z);
+                        __m512 s, t;
+                        dec.scales(szg, c, s, t);
                         for (int64_t i = first - r0; i < tile_rows; ++i) {
                             const int64_t row = r0 + i;
                             __m512 xs = _mm512_set1_ps(xg[(mc + row) * ngroups + g]);
