@@ -66,8 +66,9 @@ def test_inspect_json(capsys: pytest.CaptureFixture):
     assert info["model"] == "zoo:llama-tiny:seq=8" and info["frontend"] == "dynamo"
     (graph,) = info["graphs"]
     assert [p["name"] for p in graph["passes"]] == list(DEFAULT_PIPELINE)
-    noops, fuse, attention, qkv, reduce = graph["passes"]
+    noops, fuse, attention, rope, qkv, reduce = graph["passes"]
     assert noops["stats"] == {"to_same_dtype": 12} and noops["rewrites"] == 12
+    assert rope["stats"] == {"rope": 4} and rope["rewrites"] == 4    # q and k, two layers
     assert fuse["stats"] == {"rms_norm": 1, "add_rms_norm": 4} and fuse["rewrites"] == 5
     assert attention["stats"] == {"sdpa": 2, "repeat_interleave": 2}
     assert qkv["stats"] == {"groups": 2}              # q/k/v, two layers (gate/up: pairs)

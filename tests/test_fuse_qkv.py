@@ -158,8 +158,8 @@ def test_weights_changed_after_compile_are_refolded(assert_matches_eager):
 
 
 def test_quantized_linears_are_not_fused():
-    assert pipeline_with("quantize_weights") == (*DEFAULT_PIPELINE[:3], "quantize_weights",
-                                                 *DEFAULT_PIPELINE[3:])
+    assert pipeline_with("quantize_weights") == (*DEFAULT_PIPELINE[:4], "quantize_weights",
+                                                 *DEFAULT_PIPELINE[4:])
     model = QKV()
     cfg = {"pipeline": list(pipeline_with("quantize_weights")),
            "passes": {"quantize_weights": {"rules": [{"mode": "int8"}]}}}

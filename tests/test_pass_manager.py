@@ -120,9 +120,9 @@ def test_records_are_populated(gm: fx.GraphModule):
     res = PassManager(PASSES, DEFAULT_PIPELINE).run(gm, CompileConfig(), record_graphs=True)
     assert res.graph_before == before
     assert [r.name for r in res.records] == ["remove_noops", "fuse_add_norm", "fuse_attention",
-                                             "fuse_qkv", "strength_reduce"]
-    noops, fuse, attention, qkv, reduce = res.records
-    for r in (attention, qkv, reduce):   # no attention, sibling linears or gathers in the block
+                                             "fuse_rope", "fuse_qkv", "strength_reduce"]
+    noops, fuse, attention, rope, qkv, reduce = res.records
+    for r in (attention, rope, qkv, reduce):   # no attention, sibling linears or gathers in the block
         assert not r.modified and r.stats == Counter()
     # 6 call_functions: mul, add, to, layer_norm, linear, add; remove_noops drops mul and to;
     # fuse_add_norm turns add + layer_norm into add_layer_norm + 2 getitems

@@ -36,10 +36,15 @@ def _quant_linear_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
     return kernel_source(QuantGemmSpec(name.removeprefix("linear_")), origin)
 
 
+def _rope_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
+    from optc.ops.rope import kernel_source
+    return kernel_source(origin)
+
+
 # op name -> function rendering the Triton source for one node of that op
 TRITON_SOURCES: dict[str, Callable[[str, fx.Node, KernelOrigin], str]] = {
     "rms_norm": _norm_source, "add_rms_norm": _norm_source, "add_layer_norm": _norm_source,
-    "attention": _attention_source,
+    "attention": _attention_source, "rope": _rope_source,
     "linear_int8": _quant_linear_source, "linear_int4": _quant_linear_source,
     "linear_w8a8": _quant_linear_source, "linear_bfp": _quant_linear_source,
 }

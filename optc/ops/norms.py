@@ -26,6 +26,15 @@ the input dtype (1 bf16 ulp off HF), and ``vector_norm``-based statistics (sqrt,
 are off by fp32 rounding, neither faster. The in-place ``.mul_(weight)`` saves one output-sized
 allocation over ``weight * y``.
 
+Native kernel first (``optc.ops.native.add_rms_norm``, decode.cpp): one call instead of the
+~8 dispatches above, with the same bits (it adds the squares in ATen's summation order and
+rounds where ATen rounds; the tests compare it with this composite bit for bit). Inside a
+decode step it matters more than the table says: right after a quantized matmul has streamed
+its weight through the caches, the composite took 80-116 us and the native call 13-17 us
+(the raw kernel; /tmp micro-benchmark, not committed). It declines (None) what it does not
+reproduce, which then runs the composite: strided or broadcast operands, fp16, rows under 8
+elements, one row of 32768 or more (ATen splits that sum over threads), autograd.
+
 At (1,512,2048) allocation dominates. With glibc's default malloc, freed multi-MiB blocks
 are often handed back to the OS, so the next call's fresh buffers are paid for in page faults:
 every variant, layer norm too, swung between ~0.5 and ~5 ms from run to run, and
@@ -54,6 +63,7 @@ from optc.codegen.generator import (
     KernelOrigin, arg_list, fill, load_kernel, render, row_offset, sym, texpr,
 )
 from optc.codegen.templates import norm as T
+from optc.ops import native
 from optc.ops.registry import define
 
 
@@ -68,12 +78,24 @@ def _rms_norm(h: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y.mul_(weight) if weight.dtype == y.dtype else weight * y  # bf16 model, fp32 weight
 
 
+def _no_grad(*ts: Tensor) -> bool:
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)
+
+
 def rms_norm_cpu(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if _no_grad(x, weight):
+        hy = native.add_rms_norm(x, None, weight, eps)     # one call, ATen's bits
+        if hy is not None:
+            return hy[1]
     return _rms_norm(_contiguous(x), weight, eps)
 
 
 def add_rms_norm_cpu(x: Tensor, residual: Tensor, weight: Tensor,
                      eps: float) -> tuple[Tensor, Tensor]:
+    if _no_grad(x, residual, weight):
+        hy = native.add_rms_norm(x, residual, weight, eps)
+        if hy is not None:
+            return hy
     h = x + residual
     if not h.is_contiguous():
         h = h.contiguous()

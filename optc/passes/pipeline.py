@@ -12,6 +12,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     # matmul -> scale -> mask -> softmax -> matmul with nothing in between. Lossless, so in the
     # default pipeline. Independent of fuse_add_norm (it matches no norm or residual add).
     "fuse_attention",
+    # After fuse_attention (which reads q/k as they are): rotate-half RoPE -> one op. Lossless
+    # (eager's bits), so in the default pipeline.
+    "fuse_rope",
     # After fuse_attention (which reads the separate Q/K/V heads) and after quantize_weights
     # when that runs (quantization keeps its per-module weights): sibling linears -> one GEMM.
     "fuse_qkv",

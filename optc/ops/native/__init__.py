@@ -2,7 +2,9 @@
 
 - ``dequant.cpp``: tile-64 int4 -> transposed bf16 weight (the prefill dequantize-then-GEMM path);
 - ``gemv.cpp``: quantized matmuls straight from the packed weights: int8 and int4 GEMV for
-  decode (AVX-512 / AVX512-BF16), and an int4 GEMM on AMX tiles for M from a few rows up.
+  decode (AVX-512 / AVX512-BF16), and an int4 GEMM on AMX tiles for M from a few rows up;
+- ``decode.cpp``: the small ops of a decode step as one call each: add + RMSNorm (ATen's exact
+  bits) and attention for a few query rows (``optc.ops.norms``, ``optc.ops.attention``).
 
 The C++ files have a plain C ABI and include only ATen/Parallel.h (torch's thread pool), so they
 compile in a few seconds with the system C++ compiler (``$CXX``, else ``c++``/``g++``) at
@@ -28,18 +30,22 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from optc import knobs
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("dequant.cpp", "gemv.cpp"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("dequant.cpp", "gemv.cpp", "decode.cpp"))
 HEADERS = (Path(__file__).with_name("bf16.h"),)       # part of the cache key, not compiled
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
-ABI_VERSION = 4
+# -ffp-contract=off: no product is fused into a following sum unless the source says so
+# (decode.cpp's RMSNorm rounds each product where ATen does, to give ATen's bits).
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
+ABI_VERSION = 5
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -113,7 +119,11 @@ def _load(path: Path) -> ctypes.CDLL:
     for name, args in (("optc_int4_tile64_to_bf16_t", [p, p, p] + [i64] * 6),
                        ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
-                       ("optc_gemv_features", [])):
+                       ("optc_gemv_features", []),
+                       ("optc_add_rms_norm", [p] * 5 + [i32] * 3 + [i64] * 2 + [ctypes.c_float]),
+                       ("optc_decode_attention", [p] * 5 + [i32] * 3 + [i64] * 7 + [p] * 5
+                        + [i32, ctypes.c_float]),
+                       ("optc_rope", [p] * 4 + [i32] + [p] * 5)):
         f = getattr(lib, name)
         f.restype, f.argtypes = ctypes.c_int, args
     return lib
@@ -225,60 +235,212 @@ def features() -> int:
     return _hot()[1]
 
 
-def _out(m: int, n: int, dtype: torch.dtype) -> Tensor:
-    return torch.empty(m, n, dtype=dtype if dtype == torch.bfloat16 else torch.float32)
+_VALID: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def int8_matmul(x2: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype
+def _weights_ok(key: tuple, a: Tensor, b: Tensor, check: Callable[[], bool]) -> bool:
+    """``check()`` of a quantized weight pair, remembered per pair: the layout checks cost more
+    than a decode GEMV's Python path may (~10 us of ~25), and optc's packed weights are its own
+    constants, never reshaped in place. A hit needs both tensors to be the very objects
+    checked (weak references: a recycled ``id`` is not mistaken for them)."""
+    hit = _VALID.get(key)
+    if hit is not None and hit[0]() is a and hit[1]() is b:
+        return True
+    if not check():
+        return False
+    if len(_VALID) > 4096:
+        _VALID.clear()
+    _VALID[key] = (weakref.ref(a), weakref.ref(b))
+    return True
+
+
+def _rows_of(x: Tensor, k: int) -> int:
+    """Rows of a contiguous CPU bf16 activation (..., k), or 0 where the kernels cannot read it."""
+    if x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous() or x.dim() == 0 \
+            or x.shape[-1] != k:
+        return 0
+    return x.numel() // k if k else 0
+
+
+def int8_matmul(x: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype
                 ) -> Tensor | None:
-    """``x2 (M, K) bf16 @ (w_int8 (N, K) * scales (N,)).T`` as (M, N), bf16 when ``out_dtype`` is
-    bf16 else fp32 (fp32 sums of exact products); None when the kernel is not available or the
-    arguments are not the layout it reads (K % 16, contiguous CPU tensors)."""
-    m, k = x2.shape
-    n = w_int8.shape[0]
-    if (x2.dtype != torch.bfloat16 or w_int8.dtype != torch.int8 or scales.dtype != torch.bfloat16
-            or k % 16 or w_int8.shape[1] != k or scales.shape != (n,) or m == 0
-            or not (x2.is_contiguous() and w_int8.is_contiguous() and scales.is_contiguous())
-            or x2.device.type != "cpu" or w_int8.device.type != "cpu"):
+    """``x (..., K) bf16 @ (w_int8 (N, K) * scales (N,)).T`` as (..., N), bf16 when ``out_dtype``
+    is bf16 else fp32 (fp32 sums of exact products); None when the kernel is not available or
+    the arguments are not the layout it reads (K % 16, contiguous CPU tensors)."""
+    n, k = w_int8.shape if w_int8.dim() == 2 else (0, 0)
+    m = _rows_of(x, k)
+    if m == 0 or not _weights_ok(
+            (id(w_int8), id(scales)), w_int8, scales,
+            lambda: (w_int8.dtype == torch.int8 and scales.dtype == torch.bfloat16 and k % 16 == 0
+                     and scales.dim() == 1 and scales.shape[0] == n and w_int8.is_cpu
+                     and scales.is_cpu and w_int8.is_contiguous() and scales.is_contiguous())):
         return None
     lib, feats = _hot()
     if not feats & INT8_GEMV:
         return None
-    y = _out(m, n, out_dtype)
-    rc = lib.optc_gemv_int8(x2.data_ptr(), w_int8.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                            int(y.dtype == torch.bfloat16), m, k, n, n)
+    bf = out_dtype == torch.bfloat16
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16 if bf else torch.float32)
+    rc = lib.optc_gemv_int8(x.data_ptr(), w_int8.data_ptr(), scales.data_ptr(), y.data_ptr(),
+                            int(bf), m, k, n, n)
     if rc != 0:
         raise RuntimeError(f"optc native int8 GEMV rejected its arguments (code {rc}): "
-                           f"x {tuple(x2.shape)}, w {tuple(w_int8.shape)}")
+                           f"x {tuple(x.shape)}, w {tuple(w_int8.shape)}")
     return y
 
 
-def int4_matmul(x2: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: int,
+def int4_matmul(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: int,
                 out_dtype: torch.dtype, *, amx: bool) -> Tensor | None:
-    """``x2 (M, K) bf16 @ dequantize(tile-64 int4).T`` as (M, n): with ``amx`` the AMX GEMM
+    """``x (..., K) bf16 @ dequantize(tile-64 int4).T`` as (..., n): with ``amx`` the AMX GEMM
     (any M; None where AMX is unavailable or the group is not 32, 64, 96 or 128), else the
     AVX512-BF16 GEMV (meant for M of 1-2: it decodes the weight once per 4 rows). Output bf16
     when ``out_dtype`` is bf16 else fp32. None when the kernel is not available or the
     arguments are not the layout it reads."""
-    m, k = x2.shape
-    np_ = w_int4.shape[0]
-    if (x2.dtype != torch.bfloat16 or w_int4.dtype != torch.uint8 or w_int4.dim() != 2
-            or w_int4.shape[1] * 2 != k or np_ % 64 or group_size <= 0 or group_size % 2
-            or k % group_size or scales_zeros.dtype != torch.bfloat16
-            or tuple(scales_zeros.shape) != (k // group_size, np_, 2) or not 0 < n <= np_
-            or m == 0 or x2.device.type != "cpu" or w_int4.device.type != "cpu"
-            or not (x2.is_contiguous() and w_int4.is_contiguous()
-                    and scales_zeros.is_contiguous())):
+    np_, half_k = w_int4.shape if w_int4.dim() == 2 else (0, 0)
+    k = 2 * half_k
+    m = _rows_of(x, k)
+    if m == 0 or not _weights_ok(
+            (id(w_int4), id(scales_zeros), group_size, n), w_int4, scales_zeros,
+            lambda: (w_int4.dtype == torch.uint8 and np_ % 64 == 0 and group_size > 0
+                     and group_size % 2 == 0 and k % group_size == 0 and 0 < n <= np_
+                     and scales_zeros.dtype == torch.bfloat16
+                     and tuple(scales_zeros.shape) == (k // group_size, np_, 2)
+                     and w_int4.is_cpu and scales_zeros.is_cpu and w_int4.is_contiguous()
+                     and scales_zeros.is_contiguous())):
         return None
     lib, feats = _hot()
     amx_group = group_size % 32 == 0 and group_size <= 128       # gemv.cpp buffers 4 chunks
     if not feats & (INT4_AMX if amx else INT4_GEMV) or (amx and not amx_group):
         return None
-    y = _out(m, n, out_dtype)
-    rc = lib.optc_gemv_int4(x2.data_ptr(), w_int4.data_ptr(), scales_zeros.data_ptr(),
-                            y.data_ptr(), int(y.dtype == torch.bfloat16), m, k, np_, n,
-                            group_size, n, int(amx))
+    bf = out_dtype == torch.bfloat16
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16 if bf else torch.float32)
+    rc = lib.optc_gemv_int4(x.data_ptr(), w_int4.data_ptr(), scales_zeros.data_ptr(),
+                            y.data_ptr(), int(bf), m, k, np_, n, group_size, n, int(amx))
     if rc != 0:
         raise RuntimeError(f"optc native int4 matmul rejected its arguments (code {rc}): "
-                           f"x {tuple(x2.shape)}, w {tuple(w_int4.shape)}, group {group_size}")
+                           f"x {tuple(x.shape)}, w {tuple(w_int4.shape)}, group {group_size}")
     return y
+
+
+# ---- decode-step kernels (decode.cpp) ----------------------------------------------------------
+
+_DT = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
+                 ) -> tuple[Tensor | None, Tensor] | None:
+    """``(h, y)`` of ``optc::add_rms_norm`` (``residual`` None: ``optc::rms_norm``, h None),
+    bit-identical to the ATen composite in ``optc.ops.norms``; None (use ATen) unless x,
+    residual and weight are contiguous CPU tensors of fp32/bf16, x and residual of one dtype
+    and shape, the weight (C,), C >= 8. The checks are the cheap attribute reads (``is_cpu``,
+    int compares): this runs twice per layer per decoded token."""
+    dt = _DT.get(x.dtype)
+    dtw = _DT.get(weight.dtype)
+    c = x.shape[-1] if x.dim() else 0
+    if (dt is None or dtw is None or c < 8 or not x.is_cpu or not weight.is_cpu
+            or weight.dim() != 1 or weight.shape[0] != c or not x.is_contiguous()
+            or not weight.is_contiguous()
+            or residual is not None and (residual.dtype != x.dtype or not residual.is_cpu
+                                         or residual.shape != x.shape
+                                         or not residual.is_contiguous())):
+        return None     # (c < 8: ATen sums fp32 rows of 5-7 in another order, measured)
+    rows = x.numel() // c
+    if rows == 1 and c >= 32768:
+        return None     # ATen splits one long row's sum over its threads: another order
+    lib = _hot()[0]
+    if lib is None:
+        return None
+    ydt = x.dtype if dtw == dt else torch.promote_types(x.dtype, weight.dtype)
+    y = torch.empty_like(x) if ydt == x.dtype else torch.empty_like(x, dtype=ydt)
+    if residual is None:
+        rc = lib.optc_add_rms_norm(x.data_ptr(), None, weight.data_ptr(), None, y.data_ptr(),
+                                   dt, dtw, _DT[ydt], rows, c, eps)
+        h = None
+    else:
+        h = torch.empty_like(x)
+        rc = lib.optc_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
+                                   h.data_ptr(), y.data_ptr(), dt, dtw, _DT[ydt],
+                                   rows, c, eps)
+    if rc != 0:
+        raise RuntimeError(f"optc native add_rms_norm rejected its arguments (code {rc}): "
+                           f"x {tuple(x.shape)} {x.dtype}, weight {weight.dtype}")
+    return h, y
+
+
+DECODE_MAX_TQ = 16      # query rows up to which attention() runs (decode and short verifies)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float
+              ) -> Tensor | None:
+    """``optc::attention`` for up to ``DECODE_MAX_TQ`` query rows (fp32 sums and probabilities);
+    None (use ATen's flash kernel) for longer queries, other dtypes, head sizes above 256, a
+    mask of another dtype than bool / q's, or operands whose last dimension is strided. Shapes
+    are checked by the caller (``optc.ops.attention._check``)."""
+    B, H, tq, d = q.shape
+    hkv, tk, dv = k.shape[1], k.shape[2], v.shape[3]
+    dt = _DT.get(q.dtype)
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    if (tq > DECODE_MAX_TQ or dt is None or k.dtype != q.dtype or v.dtype != q.dtype or d > 256
+            or dv > 256 or tk == 0 or B == 0 or not q.is_cpu or not k.is_cpu or not v.is_cpu
+            or qs[3] != 1 or ks[3] != 1 or vs[3] != 1):
+        return None
+    kind, mdt, mptr, mst = 0, 0, None, (0, 0, 0, 0)
+    if mask is not None:
+        if not mask.is_cpu:
+            return None
+        if mask.dtype == torch.bool:
+            kind = 1
+        elif mask.dtype in _DT:
+            kind, mdt = 2, _DT[mask.dtype]
+        else:
+            return None
+        mst = mask.stride()                     # broadcast dimensions get stride 0
+        if mask.dim() < 4 or any(n == 1 for n in mask.shape):
+            mst = mask.expand(B, H, tq, tk).stride()
+        mptr = mask.data_ptr()
+    lib = _hot()[0]
+    if lib is None:
+        return None
+    out = torch.empty_like(q) if dv == d else q.new_empty(B, H, tq, dv)
+    arr = ctypes.c_int64 * 4
+    rc = lib.optc_decode_attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), mptr, out.data_ptr(), dt, kind, mdt,
+        B, H, hkv, tq, tk, d, dv, arr(*qs), arr(*ks), arr(*vs),
+        arr(*mst), arr(*out.stride()), int(causal), scale)
+    if rc == 9:
+        return None
+    if rc != 0:
+        raise RuntimeError(f"optc native decode attention rejected its arguments (code {rc}): "
+                           f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return out
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor | None:
+    """``optc::rope`` (``x * cos + rotate_half(x) * sin``) bit-identical to eager, into
+    ``empty_like(x)``; None (use the ATen composite) unless x is a 4-D CPU tensor of fp32/bf16
+    with an even, unit-stride last dimension, and cos/sin are of its dtype and broadcast to it."""
+    dt = _DT.get(x.dtype)
+    if (dt is None or x.dim() != 4 or cos.dtype != x.dtype or sin.dtype != x.dtype
+            or not x.is_cpu or not cos.is_cpu or not sin.is_cpu or x.shape[3] % 2
+            or x.stride(3) != 1 and x.shape[3] > 1):
+        return None
+    try:
+        c4, s4 = cos.expand(x.shape), sin.expand(x.shape)
+    except RuntimeError:
+        return None
+    if c4.stride(3) != 1 and x.shape[3] > 1 or s4.stride(3) != 1 and x.shape[3] > 1:
+        return None
+    lib = _hot()[0]
+    if lib is None:
+        return None
+    out = torch.empty_like(x)
+    if out.stride(3) != 1 and x.shape[3] > 1:
+        return None
+    arr = ctypes.c_int64 * 4
+    rc = lib.optc_rope(x.data_ptr(), c4.data_ptr(), s4.data_ptr(), out.data_ptr(), dt,
+                       arr(*x.shape), arr(*x.stride()), arr(*c4.stride()), arr(*s4.stride()),
+                       arr(*out.stride()))
+    if rc == 9:
+        return None
+    if rc != 0:
+        raise RuntimeError(f"optc native rope rejected its arguments (code {rc}): x {tuple(x.shape)}")
+    return out
