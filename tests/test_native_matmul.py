@@ -139,3 +139,50 @@ def test_table_paths_exist():
     for kind, buckets in Q.CPU_PATHS.items():
         for _, path in buckets:
             assert path in Q.CPU_IMPLS[kind], (kind, path)
+
+
+# ---- per-node specialization (native.gemv_bound via OpDef.specialize) -------------------------
+
+@pytest.mark.skipif(not _has(native.INT4_GEMV), reason="needs AVX512-BF16")
+def test_bound_gemv_equals_general_path_and_declines_other_inputs():
+    q4 = _quant(128, 256, QuantScheme("int4", 64))
+    q8 = _quant(128, 256, QuantScheme("int8"))
+    w4, sz = q4.tensors["w_int4"], q4.tensors["scales_zeros"]
+    w8, s8 = q8.tensors["w_int8"], q8.tensors["scales"]
+    b4 = Q.specialize_linear_int4(None, w4, sz, None, 64, 100)     # n < Np: padded channels
+    b8 = Q.specialize_linear_int8(None, w8, s8, None)
+    assert b4 is not None and b8 is not None
+    for x in (_x(1, 256).view(1, 1, 256), _x(3, 256), _x(1, 256).float(),
+              _x(2, 256).t().contiguous().t()):                    # 1 row, 3 rows, fp32, strided
+        assert torch.equal(b4(x, w4, sz, None, 64, 100), Q.linear_int4_cpu(x, w4, sz, None, 64, 100))
+        assert torch.equal(b8(x, w8, s8, None), Q.linear_int8_cpu(x, w8, s8, None))
+    one = _x(1, 256)
+    assert native.gemv_bound("int4", w4, sz, 64, 100)(one).shape == (1, 100)
+    for bad in (_x(2, 256), one.float(), _x(1, 128)):
+        assert native.gemv_bound("int4", w4, sz, 64, 100)(bad) is None
+    # other weights than the bound ones (another node's call): the general path
+    q4b = _quant(128, 256, QuantScheme("int4", 64), seed=5)
+    w4b, szb = q4b.tensors["w_int4"], q4b.tensors["scales_zeros"]
+    assert torch.equal(b4(one, w4b, szb, None, 64, 100), Q.linear_int4_cpu(one, w4b, szb, None, 64, 100))
+    # not specialized: a bias, a runtime weight, a layout the kernel cannot read
+    assert Q.specialize_linear_int4(None, w4, sz, torch.zeros(100), 64, 100) is None
+    from optc.ops.registry import RUNTIME
+    assert Q.specialize_linear_int4(None, RUNTIME, sz, None, 64, 100) is None
+    assert Q.specialize_linear_int4(None, w4, sz.float(), None, 64, 100) is None
+
+
+@pytest.mark.skipif(not _has(native.INT4_GEMV), reason="needs AVX512-BF16")
+def test_program_binds_the_specialized_gemv():
+    import models
+    from optc.presets import PRESETS
+    m = models.build("llama-tiny", seed=0)
+    c = PRESETS["optc-int4-g128-bf16"].compile(m, copy=False)     # m itself, cast to bf16
+    m.setup_caches(1, 16)
+    with torch.no_grad():
+        c(torch.randint(0, 100, (1, 4)), torch.arange(4))
+    (g,) = c.report.graphs
+    bound = [f for k, f in g.program._globals.items()
+             if k.startswith("f") and getattr(f, "__name__", "") == "linear_int4_cpu_bound"]
+    n_linears = sum(1 for n in g.program.gm.graph.nodes
+                    if n.op == "call_function" and "linear_int4" in str(n.target))
+    assert n_linears > 0 and len(bound) == n_linears

@@ -637,14 +637,50 @@ def linear_bfp_triton(x: Tensor, w: Tensor, scales: Tensor, index: Tensor, bias:
     return launch_quant_gemm("bfp", x, (w, scales, index), bias, block_size, n)
 
 
+# ---- per-node specialization (OpDef.specialize) -----------------------------------------------
+
+def _specialize_gemv(kind: str, cpu: Callable[..., Tensor], w: Any, aux: Any, bias: Any,
+                     group_size: int, n: int) -> Callable[..., Tensor] | None:
+    """For a node whose packed weight is a constant, no bias, and whose table picks the native
+    GEMV at M=1: a callable that sends one-row bf16 calls straight to a bound kernel
+    (``native.gemv_bound``) and everything else to ``cpu``, the general function."""
+    if not (isinstance(w, Tensor) and isinstance(aux, Tensor)) or bias is not None:
+        return None
+    if cpu_path(kind, 1, w.shape[1] * (2 if kind == "int4" else 1)) != \
+            ("gemv" if kind == "int4" else "native"):
+        return None
+    fast = native.gemv_bound(kind, w, aux, group_size, n)
+    if fast is None:
+        return None
+
+    def run(x: Tensor, *rest: Any) -> Tensor:
+        y = fast(x) if rest[0] is w and rest[1] is aux else None
+        return y if y is not None else cpu(x, *rest)
+    run.__name__ = run.__qualname__ = f"{cpu.__name__}_bound"
+    run.__module__ = cpu.__module__
+    return run
+
+
+def specialize_linear_int8(x: Any, w_int8: Any, scales: Any, bias: Any) -> Callable | None:
+    return _specialize_gemv("int8", linear_int8_cpu, w_int8, scales, bias, 0,
+                            w_int8.shape[0] if isinstance(w_int8, Tensor) else 0)
+
+
+def specialize_linear_int4(x: Any, w_int4: Any, scales_zeros: Any, bias: Any, group_size: int,
+                           n: int) -> Callable | None:
+    return _specialize_gemv("int4", linear_int4_cpu, w_int4, scales_zeros, bias, group_size, n)
+
+
 # ---- registration ---------------------------------------------------------------------------
 
 LINEAR_INT8 = define(
     "linear_int8", cpu=linear_int8_cpu, fake=linear_int8_fake, triton=linear_int8_triton,
-    summary="y = x @ (q * s).T + b; int8 weight, per-channel scale")
+    summary="y = x @ (q * s).T + b; int8 weight, per-channel scale",
+    specialize=specialize_linear_int8)
 LINEAR_INT4 = define(
     "linear_int4", cpu=linear_int4_cpu, fake=linear_int4_fake, triton=linear_int4_triton,
-    summary="y = x @ ((q - 8) s + z).T + b; int4 weight, group scale + zero")
+    summary="y = x @ ((q - 8) s + z).T + b; int4 weight, group scale + zero",
+    specialize=specialize_linear_int4)
 LINEAR_W8A8 = define(
     "linear_w8a8", cpu=linear_w8a8_cpu, fake=linear_w8a8_fake, triton=linear_w8a8_triton,
     summary="y = (q8(x) @ q.T) sx s + b; int8 x int8 -> int32, per-token sx")

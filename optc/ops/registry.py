@@ -33,6 +33,13 @@ class OpDef:
     cpu: Callable[..., Any]                # plain CPU function, the op's schema as signature
     triton: Callable[..., Any] | None      # plain wrapper for CUDA tensors (or interpreter)
     summary: str
+    # Optional: given one node's arguments (constants as their values, runtime values as
+    # ``RUNTIME``), a CPU callable with ``cpu``'s signature specialized to those constants
+    # (checks done once), or None. The runtime binds it in place of ``cpu`` for that node.
+    specialize: Callable[..., Callable[..., Any] | None] | None = None
+
+
+RUNTIME = object()      # stands for a value known only at run time, in ``specialize`` calls
 
 
 OPS: dict[str, OpDef] = {}
@@ -46,7 +53,8 @@ def _existing(name: str) -> OpOverload | None:
 
 
 def define(name: str, *, cpu: Callable[..., Any], fake: Callable[..., Any],
-           triton: Callable[..., Any] | None, summary: str) -> OpDef:
+           triton: Callable[..., Any] | None, summary: str,
+           specialize: Callable[..., Callable[..., Any] | None] | None = None) -> OpDef:
     """Register ``optc::name`` (schema inferred from ``cpu``'s annotations) and record it."""
     if name in OPS:
         return OPS[name]
@@ -58,7 +66,7 @@ def define(name: str, *, cpu: Callable[..., Any], fake: Callable[..., Any],
         if triton is not None:
             custom.register_kernel("cuda", triton)
         op = getattr(getattr(torch.ops, NAMESPACE), name).default
-    d = OpDef(name=name, op=op, cpu=cpu, triton=triton, summary=summary)
+    d = OpDef(name=name, op=op, cpu=cpu, triton=triton, summary=summary, specialize=specialize)
     OPS[name] = d
     return d
 

@@ -381,6 +381,19 @@ class Program:
             return True
         return isinstance(t, torch._ops.OpOverload) and t.namespace in ("aten", "optc", "prims")
 
+    def _const_or_runtime(self, a: Any) -> Any:
+        """A node argument for ``OpDef.specialize``: a constant's value, ``RUNTIME`` for any
+        other node, the literal itself otherwise."""
+        from optc.ops.registry import RUNTIME
+        if not isinstance(a, fx.Node):
+            return a
+        if a.op != "get_attr":
+            return RUNTIME
+        obj: Any = self.gm
+        for part in str(a.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+
     def _bind(self, n: fx.Node) -> tuple[Callable, str]:
         t = n.target
         if isinstance(t, torch._ops.OpOverload) and t.namespace == "optc":
@@ -389,6 +402,10 @@ class Program:
             devs = {a.meta["val"].device.type for a in n.all_input_nodes
                     if isinstance(a.meta.get("val"), torch.Tensor)}
             if d is not None and devs <= {"cpu"}:
+                if d.specialize is not None:
+                    fn = d.specialize(*(self._const_or_runtime(a) for a in n.args))
+                    if fn is not None:
+                        return fn, "optc.cpu"
                 return d.cpu, "optc.cpu"
             if d is not None and d.triton is not None and devs == {"cuda"}:
                 return d.triton, "optc.triton"
