@@ -5,7 +5,12 @@ The fp32 tolerance every compiled-vs-eager comparison uses lives here, stated on
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -78,3 +83,31 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run the test with 1 and with 2 torch threads (native kernels split work by threads)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def interpreted(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    """``interpreted(script, timeout=300)``: ``run_interpreted`` with the test's tmp_path as the
+    kernel cache."""
+    return lambda script, timeout=300: run_interpreted(script, tmp_path, timeout)
+
+
+def run_interpreted(script: str, cache_dir: Path, timeout: int = 300) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (it must be on before
+    ``@triton.jit`` decorates a kernel, and this process may have imported kernels without it)
+    and a private kernel cache; returns the JSON object on its last stdout line."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OPTC_CACHE_DIR": str(cache_dir)}
+    env.pop("OPTC_LOGS", None)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,9 +8,6 @@ already have imported kernel modules without it, so interpreted runs happen in a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -306,14 +303,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernels_under_interpreter_match_cpu(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPTC_CACHE_DIR": str(tmp_path)}
-    env.pop("OPTC_LOGS", None)
-    out = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_kernels_under_interpreter_match_cpu(tmp_path, interpreted):
+    result = interpreted(INTERPRETER_SCRIPT)
     assert result["failures"] == [] and result["checks"] == 86, result
     # the kernels went through the on-disk cache: one module per variant used
     assert len(list((tmp_path / "kernels").glob("*.py"))) == 5

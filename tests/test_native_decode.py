@@ -26,14 +26,6 @@ from optc.ops import native, norms
 pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C++ compiler")
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 def _aten(x, r, w, eps):
     h = x if r is None else x + r
     return h, norms._rms_norm(h, w, eps)

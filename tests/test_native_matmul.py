@@ -45,14 +45,6 @@ def _ref(x: torch.Tensor, q: fmt.QuantizedWeight) -> torch.Tensor:
     return x.double() @ fmt.dequantize(q).double().t()
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
-
-
 @pytest.mark.skipif(not _has(native.INT8_GEMV), reason="needs AVX-512")
 @pytest.mark.parametrize("n,k", [(64, 16), (101, 256), (256, 1040)])
 @pytest.mark.parametrize("m", [1, 3, 4, 7])

@@ -14,12 +14,7 @@ i.e. 10 log10(12 * 2^16) = 58.9 dB; three independent ones give 54.1 dB. The flo
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -267,14 +262,8 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kernels_under_interpreter_match_reference(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OPTC_CACHE_DIR": str(tmp_path)}
-    env.pop("OPTC_LOGS", None)
-    out = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT], env=env,
-                         capture_output=True, text=True, timeout=600,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def test_kernels_under_interpreter_match_reference(tmp_path, interpreted):
+    result = interpreted(INTERPRETER_SCRIPT, timeout=600)
     assert result["failures"] == [] and result["checks"] == 5 * (2 * 3 * 2 + 2), result
     assert len(list((tmp_path / "kernels").glob("*.py"))) == 4      # one module per kind
 
