@@ -23,7 +23,9 @@ import torch
 from optc.ops import attention as A
 from optc.ops import native, norms
 
-pytestmark = pytest.mark.skipif(native._compiler() is None, reason="needs a C++ compiler")
+pytestmark = pytest.mark.skipif(
+    native._compiler() is None or not native.features() & native.DECODE,
+    reason="needs a C++ compiler and a CPU with AVX-512 F/BW/VL and BF16")
 
 
 def _aten(x, r, w, eps):

@@ -45,7 +45,7 @@ HEADERS = (Path(__file__).with_name("bf16.h"),)       # part of the cache key, n
 # -ffp-contract=off: no product is fused into a following sum unless the source says so
 # (decode.cpp's RMSNorm rounds each product where ATen does, to give ATen's bits).
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 5
+ABI_VERSION = 6
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -120,6 +120,7 @@ def _load(path: Path) -> ctypes.CDLL:
                        ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
                        ("optc_gemv_features", []),
+                       ("optc_decode_features", []),
                        ("optc_add_rms_norm", [p] * 5 + [i32] * 3 + [i64] * 2 + [ctypes.c_float]),
                        ("optc_decode_attention", [p] * 5 + [i32] * 3 + [i64] * 7 + [p] * 5
                         + [i32, ctypes.c_float]),
@@ -203,8 +204,8 @@ def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k:
     return out[:, :width] if out.shape[1] != width else out
 
 
-# bits of optc_gemv_features()
-INT8_GEMV, INT4_GEMV, INT4_AMX = 1, 2, 4
+# bits of optc_gemv_features(), and DECODE for optc_decode_features() (decode.cpp's kernels)
+INT8_GEMV, INT4_GEMV, INT4_AMX, DECODE = 1, 2, 4, 8
 
 
 _HOT: dict[str | None, tuple[ctypes.CDLL | None, int]] = {}
@@ -218,7 +219,8 @@ def _hot() -> tuple[ctypes.CDLL | None, int]:
     hit = _HOT.get(key)
     if hit is None:
         lib = library()
-        hit = _HOT[key] = (lib, 0 if lib is None else int(lib.optc_gemv_features()))
+        hit = _HOT[key] = (lib, 0 if lib is None else int(lib.optc_gemv_features())
+                           | (DECODE if lib.optc_decode_features() else 0))
     return hit
 
 
@@ -230,7 +232,7 @@ def reset() -> None:
 
 
 def features() -> int:
-    """Which matmul kernels this build has on this CPU (``INT8_GEMV | INT4_GEMV | INT4_AMX``):
+    """Which kernels this build has on this CPU (``INT8_GEMV | INT4_GEMV | INT4_AMX | DECODE``):
     0 without the library. AMX also needs the kernel to grant the process AMX state."""
     return _hot()[1]
 
@@ -394,8 +396,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
     rows = x.numel() // c
     if rows == 1 and c >= 32768:
         return None     # ATen splits one long row's sum over its threads: another order
-    lib = _hot()[0]
-    if lib is None:
+    lib, feats = _hot()
+    if not feats & DECODE:
         return None
     ydt = x.dtype if dtw == dt else torch.promote_types(x.dtype, weight.dtype)
     y = torch.empty_like(x) if ydt == x.dtype else torch.empty_like(x, dtype=ydt)
@@ -408,6 +410,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
         rc = lib.optc_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(),
                                    h.data_ptr(), y.data_ptr(), dt, dtw, _DT[ydt],
                                    rows, c, eps)
+    if rc == 9:             # built without the instructions it needs: ATen
+        return None
     if rc != 0:
         raise RuntimeError(f"optc native add_rms_norm rejected its arguments (code {rc}): "
                            f"x {tuple(x.shape)} {x.dtype}, weight {weight.dtype}")
@@ -445,8 +449,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
         if mask.dim() < 4 or any(n == 1 for n in mask.shape):
             mst = mask.expand(B, H, tq, tk).stride()
         mptr = mask.data_ptr()
-    lib = _hot()[0]
-    if lib is None:
+    lib, feats = _hot()
+    if not feats & DECODE:
         return None
     out = torch.empty_like(q) if dv == d else q.new_empty(B, H, tq, dv)
     arr = ctypes.c_int64 * 4
@@ -477,8 +481,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor | None:
         return None
     if c4.stride(3) != 1 and x.shape[3] > 1 or s4.stride(3) != 1 and x.shape[3] > 1:
         return None
-    lib = _hot()[0]
-    if lib is None:
+    lib, feats = _hot()
+    if not feats & DECODE:
         return None
     out = torch.empty_like(x)
     if out.stride(3) != 1 and x.shape[3] > 1:

@@ -29,9 +29,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
-#define OPTC_HAVE_DECODE 1
+#define OPTC_HAVE_DECODE 1      // else every entry point returns 9 and callers use ATen
 #endif
 
 namespace {
@@ -44,10 +44,6 @@ enum Dtype { kF32 = 0, kBF16 = 1 };
 inline float load(const void* p, int dt, int64_t i) {
     return dt == kBF16 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i])
                        : static_cast<const float*>(p)[i];
-}
-
-inline float round_to(int dt, float v) {   // the value as stored in dtype dt
-    return dt == kBF16 ? bf16_to_f32(f32_to_bf16_rne(v)) : v;
 }
 
 inline void put(void* p, int dt, int64_t i, float v) {
@@ -491,6 +487,15 @@ void attend_rows(const AttnArgs& a, int64_t b, int64_t hk, const int64_t* hs, co
 }  // namespace
 
 extern "C" {
+
+// 1 when the decode kernels are compiled in (AVX-512 F/BW/VL and BF16), else 0.
+int optc_decode_features() {
+#ifdef OPTC_HAVE_DECODE
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 // Rows [0, rows) of length c, all contiguous. x, r (may be null: plain rms_norm, h unused) in
 // dtype dt; w in dtype dtw; y in dty = promote(dt, dtw); h in dt. 0 on success.
