@@ -384,15 +384,11 @@ class Program:
     def _const_or_runtime(self, a: Any) -> Any:
         """A node argument for ``OpDef.specialize``: a constant's value, ``RUNTIME`` for any
         other node, the literal itself otherwise."""
+        from optc.graph.match import attr_value
         from optc.ops.registry import RUNTIME
         if not isinstance(a, fx.Node):
             return a
-        if a.op != "get_attr":
-            return RUNTIME
-        obj: Any = self.gm
-        for part in str(a.target).split("."):
-            obj = getattr(obj, part)
-        return obj
+        return attr_value(self.gm, a) if a.op == "get_attr" else RUNTIME
 
     def _bind(self, n: fx.Node) -> tuple[Callable, str]:
         t = n.target

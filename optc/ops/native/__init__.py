@@ -264,6 +264,29 @@ def _rows_of(x: Tensor, k: int) -> int:
     return x.numel() // k if k else 0
 
 
+def _int8_layout_ok(w_int8: Tensor, scales: Tensor) -> bool:
+    """The (N, K) int8 weight and (N,) bf16 scales the int8 GEMV reads (K % 16)."""
+    if w_int8.dim() != 2:
+        return False
+    n, k = w_int8.shape
+    return (w_int8.dtype == torch.int8 and scales.dtype == torch.bfloat16 and k % 16 == 0
+            and scales.dim() == 1 and scales.shape[0] == n and w_int8.is_cpu and scales.is_cpu
+            and w_int8.is_contiguous() and scales.is_contiguous())
+
+
+def _int4_layout_ok(w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: int) -> bool:
+    """The tile-64 int4 weight and its (K/G, Np, 2) bf16 scales/zeros the int4 kernels read."""
+    if w_int4.dim() != 2:
+        return False
+    np_, k = w_int4.shape[0], 2 * w_int4.shape[1]
+    return (w_int4.dtype == torch.uint8 and np_ % 64 == 0 and group_size > 0
+            and group_size % 2 == 0 and k % group_size == 0 and 0 < n <= np_
+            and scales_zeros.dtype == torch.bfloat16
+            and tuple(scales_zeros.shape) == (k // group_size, np_, 2)
+            and w_int4.is_cpu and scales_zeros.is_cpu and w_int4.is_contiguous()
+            and scales_zeros.is_contiguous())
+
+
 def int8_matmul(x: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype
                 ) -> Tensor | None:
     """``x (..., K) bf16 @ (w_int8 (N, K) * scales (N,)).T`` as (..., N), bf16 when ``out_dtype``
@@ -272,10 +295,7 @@ def int8_matmul(x: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtyp
     n, k = w_int8.shape if w_int8.dim() == 2 else (0, 0)
     m = _rows_of(x, k)
     if m == 0 or not _weights_ok(
-            (id(w_int8), id(scales)), w_int8, scales,
-            lambda: (w_int8.dtype == torch.int8 and scales.dtype == torch.bfloat16 and k % 16 == 0
-                     and scales.dim() == 1 and scales.shape[0] == n and w_int8.is_cpu
-                     and scales.is_cpu and w_int8.is_contiguous() and scales.is_contiguous())):
+            (id(w_int8), id(scales)), w_int8, scales, lambda: _int8_layout_ok(w_int8, scales)):
         return None
     lib, feats = _hot()
     if not feats & INT8_GEMV:
@@ -302,12 +322,7 @@ def int4_matmul(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int
     m = _rows_of(x, k)
     if m == 0 or not _weights_ok(
             (id(w_int4), id(scales_zeros), group_size, n), w_int4, scales_zeros,
-            lambda: (w_int4.dtype == torch.uint8 and np_ % 64 == 0 and group_size > 0
-                     and group_size % 2 == 0 and k % group_size == 0 and 0 < n <= np_
-                     and scales_zeros.dtype == torch.bfloat16
-                     and tuple(scales_zeros.shape) == (k // group_size, np_, 2)
-                     and w_int4.is_cpu and scales_zeros.is_cpu and w_int4.is_contiguous()
-                     and scales_zeros.is_contiguous())):
+            lambda: _int4_layout_ok(w_int4, scales_zeros, group_size, n)):
         return None
     lib, feats = _hot()
     amx_group = group_size % 32 == 0 and group_size <= 128       # gemv.cpp buffers 4 chunks
@@ -336,21 +351,16 @@ def gemv_bound(kind: str, w: Tensor, aux: Tensor, group_size: int, n: int
     if lib is None:
         return None
     if kind == "int8":
-        if w.dim() != 2 or not feats & INT8_GEMV:
+        if not feats & INT8_GEMV or not _int8_layout_ok(w, aux):
             return None
         nn, k = w.shape
-        if int8_matmul(torch.zeros(1, k, dtype=torch.bfloat16), w, aux, torch.bfloat16) is None:
-            return None                              # (validates the layout, as the call would)
         fn, args = lib.optc_gemv_int8, (w.data_ptr(), aux.data_ptr())
         tail = (1, 1, k, nn, nn)
         n = nn
     elif kind == "int4":
-        if w.dim() != 2 or not feats & INT4_GEMV:
+        if not feats & INT4_GEMV or not _int4_layout_ok(w, aux, group_size, n):
             return None
         np_, k = w.shape[0], 2 * w.shape[1]
-        if int4_matmul(torch.zeros(1, k, dtype=torch.bfloat16), w, aux, group_size, n,
-                       torch.bfloat16, amx=False) is None:
-            return None
         fn, args = lib.optc_gemv_int4, (w.data_ptr(), aux.data_ptr())
         tail = (1, 1, k, np_, n, group_size, n, 0)
     else:
