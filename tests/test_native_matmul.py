@@ -57,6 +57,43 @@ def test_int8(threads, n, k, m, out):
     assert _rel(y, _ref(x, q)) < (FP32_TOL if out == torch.float32 else BF16_TOL)
 
 
+@pytest.mark.skipif(not _has(native.AMX), reason="needs AMX")
+@pytest.mark.parametrize("n,k", [(16, 32), (33, 96), (101, 256), (256, 1056), (40, 4160)])
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 33, 48])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_int8_amx(threads, n, k, m, out):
+    """The AMX int8 GEMM: channel counts that fill no 16- or 32-channel block (33, 101, 40),
+    odd and partial token tiles (5, 17, 33), and K beyond one 2048 slice (4160: two full slices
+    and a 64-k one, partial sums carried between them)."""
+    q = _quant(n, k, QuantScheme("int8"))
+    x = _x(m, k, mean=2.0)
+    y = native.int8_matmul(x, q.tensors["w_int8"], q.tensors["scales"], out, amx=True)
+    assert y.shape == (m, n) and y.dtype == out
+    assert _rel(y, _ref(x, q)) < (FP32_TOL if out == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.skipif(not _has(native.AMX), reason="needs AMX")
+@pytest.mark.parametrize("m", [255, 256, 257, 300, 530])
+def test_int8_amx_token_chunks(m):
+    """Several chunks of 16 token tiles and an odd last tile: every row exactly once, each
+    right (a row summed twice, or a transposition slip, is off by its whole value)."""
+    q = _quant(48, 64, QuantScheme("int8"))
+    x = _x(m, 64)
+    y = native.int8_matmul(x, q.tensors["w_int8"], q.tensors["scales"], torch.float32, amx=True)
+    ref = _ref(x, q)
+    per_row = ((y.double() - ref).norm(dim=1) / ref.norm(dim=1))
+    assert per_row.max().item() < FP32_TOL
+
+
+def test_int8_amx_refuses_k_not_a_multiple_of_32():
+    q = _quant(64, 48, QuantScheme("int8"))          # K % 16 == 0: the GEMV reads it
+    x = _x(20, 48)
+    assert native.int8_matmul(x, q.tensors["w_int8"], q.tensors["scales"], torch.bfloat16,
+                              amx=True) is None
+    y = Q.run_cpu_path(q, x.float(), None, "amx")   # the path falls back (GEMV / dequant)
+    assert _rel(y, _ref(x, q)) < BF16_TOL
+
+
 @pytest.mark.parametrize("amx", [False, True], ids=["avx512bf16", "amx"])
 @pytest.mark.parametrize("n,k,group", [(64, 64, 32), (100, 256, 64), (192, 384, 128),
                                        (130, 256, 32)])
@@ -111,10 +148,10 @@ def test_refuses_what_it_cannot_read():
     assert native.int4_matmul(_x(1, 256), w256, sz256, 256, 64, torch.bfloat16, amx=True) is None
 
 
-@pytest.mark.parametrize("path", ["native", "gemv", "amx"])
-def test_paths_fall_back_without_the_library(monkeypatch, path):
+@pytest.mark.parametrize("kind,path", [("int8", "native"), ("int8", "amx"), ("int4", "gemv"),
+                                       ("int4", "amx")])
+def test_paths_fall_back_without_the_library(monkeypatch, kind, path):
     """OPTC_NATIVE=0: each native path runs the torch/ATen path it replaces, same numbers."""
-    kind = "int8" if path == "native" else "int4"
     q = _quant(128, 256, QuantScheme("int8") if kind == "int8" else QuantScheme("int4", 64))
     x = torch.randn(3, 256)
     ref = _ref(x.to(torch.bfloat16), q)

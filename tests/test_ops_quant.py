@@ -126,6 +126,7 @@ def test_decision_table_is_well_formed():
 
 def test_decode_runs_the_packed_kernels_and_odd_k_falls_back():
     assert Q.cpu_path("int8", 1, 2048) == "native"
+    assert Q.cpu_path("int8", 128, 2048) == "amx"
     assert Q.cpu_path("int4", 1, 2048) == "gemv"
     assert Q.cpu_path("int4", 128, 2048) == "amx"
     assert Q.cpu_path("bfp_planes", 1, 2048) == "int4pack"

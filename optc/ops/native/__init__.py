@@ -45,7 +45,7 @@ HEADERS = (Path(__file__).with_name("bf16.h"),)       # part of the cache key, n
 # -ffp-contract=off: no product is fused into a following sum unless the source says so
 # (decode.cpp's RMSNorm rounds each product where ATen does, to give ATen's bits).
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 6
+ABI_VERSION = 7
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -118,6 +118,7 @@ def _load(path: Path) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name, args in (("optc_int4_tile64_to_bf16_t", [p, p, p] + [i64] * 6),
                        ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
+                       ("optc_gemm_int8_amx", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
                        ("optc_gemv_features", []),
                        ("optc_decode_features", []),
@@ -206,6 +207,7 @@ def int4_weight_t_bf16(w_int4: Tensor, scales_zeros: Tensor, group_size: int, k:
 
 # bits of optc_gemv_features(), and DECODE for optc_decode_features() (decode.cpp's kernels)
 INT8_GEMV, INT4_GEMV, INT4_AMX, DECODE = 1, 2, 4, 8
+AMX = INT4_AMX        # the AMX kernels (int4 and int8 GEMM): compiled in and granted
 
 
 _HOT: dict[str | None, tuple[ctypes.CDLL | None, int]] = {}
@@ -287,26 +289,28 @@ def _int4_layout_ok(w_int4: Tensor, scales_zeros: Tensor, group_size: int, n: in
             and scales_zeros.is_contiguous())
 
 
-def int8_matmul(x: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype
-                ) -> Tensor | None:
+def int8_matmul(x: Tensor, w_int8: Tensor, scales: Tensor, out_dtype: torch.dtype, *,
+                amx: bool = False) -> Tensor | None:
     """``x (..., K) bf16 @ (w_int8 (N, K) * scales (N,)).T`` as (..., N), bf16 when ``out_dtype``
-    is bf16 else fp32 (fp32 sums of exact products); None when the kernel is not available or
-    the arguments are not the layout it reads (K % 16, contiguous CPU tensors)."""
+    is bf16 else fp32 (fp32 sums of exact products). Without ``amx`` the AVX-512 GEMV (meant for
+    a few rows: it reads the weight once per 4 rows); with it the AMX GEMM (K % 32; None where
+    AMX is unavailable). None when the kernel is not available or the arguments are not the
+    layout it reads (K % 16, contiguous CPU tensors)."""
     n, k = w_int8.shape if w_int8.dim() == 2 else (0, 0)
     m = _rows_of(x, k)
     if m == 0 or not _weights_ok(
             (id(w_int8), id(scales)), w_int8, scales, lambda: _int8_layout_ok(w_int8, scales)):
         return None
     lib, feats = _hot()
-    if not feats & INT8_GEMV:
+    if not feats & (AMX if amx else INT8_GEMV) or (amx and k % 32):
         return None
     bf = out_dtype == torch.bfloat16
     y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16 if bf else torch.float32)
-    rc = lib.optc_gemv_int8(x.data_ptr(), w_int8.data_ptr(), scales.data_ptr(), y.data_ptr(),
-                            int(bf), m, k, n, n)
+    fn = lib.optc_gemm_int8_amx if amx else lib.optc_gemv_int8
+    rc = fn(x.data_ptr(), w_int8.data_ptr(), scales.data_ptr(), y.data_ptr(), int(bf), m, k, n, n)
     if rc != 0:
-        raise RuntimeError(f"optc native int8 GEMV rejected its arguments (code {rc}): "
-                           f"x {tuple(x.shape)}, w {tuple(w_int8.shape)}")
+        raise RuntimeError(f"optc native int8 {'AMX GEMM' if amx else 'GEMV'} rejected its "
+                           f"arguments (code {rc}): x {tuple(x.shape)}, w {tuple(w_int8.shape)}")
     return y
 
 

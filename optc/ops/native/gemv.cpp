@@ -35,6 +35,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -334,6 +335,191 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
     std::free(out);
     _tile_release();
 }
+
+// A per-thread buffer that only grows (64-byte aligned): a fresh multi-MB allocation per call is
+// mmap'd and page-faulted again each time (~10 ms for the 23 MB packed x of a 2048 x 5632 call).
+// Each calling thread has its own, so concurrent calls from several Python threads do not share.
+inline void* scratch(int slot, size_t bytes) {
+    struct Buf { void* p = nullptr; size_t n = 0; ~Buf() { std::free(p); } };
+    thread_local Buf bufs[3];
+    Buf& b = bufs[slot];
+    if (b.n < bytes) {
+        std::free(b.p);
+        b.n = (bytes + 63) / 64 * 64;
+        b.p = std::aligned_alloc(64, b.n);
+        if (b.p == nullptr) b.n = 0;
+    }
+    return b.p;
+}
+
+// int8 GEMM on AMX with the roles of the operands swapped: C^T = W x^T. The int8 weight's rows
+// (channels) are A's rows as they are, 32 k per 64-byte tile row once converted to bf16 (exact:
+// |q| <= 127), so no transposition of the weight; x is packed once per call as B tiles (16 k
+// pairs x 16 tokens, xt_pack). C tiles hold 16 channels x 16 tokens in fp32 and accumulate over
+// the whole K (symmetric per-channel scale: applied once, at the end), 2 A x 2 B -> 4 C per 32-k
+// step. Per 32-channel block the weight is converted once per chunk of kMTiles token tiles (kept
+// in L2) into a panel of A tiles; the output is written transposed and scaled.
+// xt (tiles, K/32, 16 pairs, 16 tokens) bf16 pairs: pair (x[16 t + i][32 j + 2 p], ... + 1); tokens
+// past M are zero.
+// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r (4 unpack/shuffle
+// stages, 64 instructions for 256 elements).
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 4; ++g) {       // u[4 g + c], lane L: rows 4g .. 4g + 3 of column 4 L + c
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);     // lanes 0, 2
+        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);     // lanes 1, 3
+        const __m512i v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+    }
+}
+
+void xt_pack(const uint16_t* x, uint32_t* xt, int64_t m, int64_t k, int64_t t0, int64_t t1) {
+    const int64_t kc = k / 32;
+    for (int64_t t = t0; t < t1; ++t)
+        for (int64_t j = 0; j < kc; ++j) {
+            __m512i r[16];
+            for (int i = 0; i < 16; ++i)
+                r[i] = 16 * t + i < m ? _mm512_loadu_si512(x + (16 * t + i) * k + 32 * j)
+                                      : _mm512_setzero_si512();
+            transpose16(r);
+            uint32_t* dst = xt + (t * kc + j) * 256;
+            for (int p = 0; p < 16; ++p) _mm512_store_si512(dst + 16 * p, r[p]);
+        }
+}
+
+// Blocking of int8_gemm_amx: K in slices of kInt8KSlice (the weight panel of one 32-channel block
+// and slice is 2 x 16 x 2048 bf16 = 128 KiB), tokens in chunks of kMTiles tiles (their packed x,
+// 16 x 2048 bf16 per tile and slice, 1 MiB: both stay in L2 while every block of the thread's
+// range passes over them). Partial sums between slices wait in a per-thread buffer.
+constexpr int64_t kInt8KSlice = 2048;
+
+void int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, void* y,
+                   bool out_bf16, int64_t m, int64_t k, int64_t n, int64_t ldy, int64_t b0,
+                   int64_t b1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;                      // 0-3 C, 4-5 A (channels), 6-7 B (token tiles)
+    }
+    _tile_loadconfig(&cfg);
+    const int64_t kc = k / 32, tiles = (m + 15) / 16;
+    const int64_t slice = k < kInt8KSlice ? k : kInt8KSlice;
+    uint16_t* panel = static_cast<uint16_t*>(scratch(1, 2 * 16 * slice * sizeof(uint16_t)));
+    float* partial = static_cast<float*>(scratch(2, kMTiles * 4 * 256 * sizeof(float)));
+    alignas(64) float ct[4][16 * 16];
+    auto emit = [&](const float* c, int64_t ch0, int64_t tok0) {   // C tile (16 ch x 16 tok)
+        const int64_t nch = n - ch0 < 16 ? n - ch0 : 16;
+        if (nch <= 0) return;
+        const __mmask16 mask = static_cast<__mmask16>((1u << nch) - 1);
+        const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(mask, scales + ch0)), 16));
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
+        transpose16(r);                                           // r[t]: token t's 16 channels
+        for (int t = 0; t < 16 && tok0 + t < m; ++t) {
+            const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(r[t]), s);
+            if (out_bf16)
+                _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + (tok0 + t) * ldy + ch0, mask,
+                                         (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_mask_storeu_ps(static_cast<float*>(y) + (tok0 + t) * ldy + ch0, mask, v);
+        }
+    };
+    for (int64_t tc = 0; tc < tiles; tc += kMTiles) {
+        const int64_t tn = tiles - tc < kMTiles ? tiles - tc : kMTiles;
+        for (int64_t b = b0; b < b1; ++b)
+            for (int64_t k0 = 0; k0 < k; k0 += slice) {
+                const int64_t sc = ((k - k0 < slice ? k - k0 : slice)) / 32;   // 32-k steps
+                const bool first = k0 == 0, last = k0 + 32 * sc == k;
+                for (int a = 0; a < 2; ++a)        // the panel: 2 A tiles of 16 channels per 32 k
+                    for (int c = 0; c < 16; ++c) {
+                        const int64_t ch = 32 * b + 16 * a + c;
+                        for (int64_t j = 0; j < sc; ++j) {
+                            uint16_t* dst = panel + ((a * sc + j) * 16 + c) * 32;
+                            if (ch >= n) {
+                                _mm512_store_si512(dst, _mm512_setzero_si512());
+                                continue;
+                            }
+                            const int8_t* src = w + ch * k + k0 + 32 * j;
+                            _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes8),
+                                         kPrefetchHint);
+                            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+                            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+                            _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                        }
+                    }
+                const uint16_t* a0 = panel;
+                const uint16_t* a1 = panel + sc * 16 * 32;
+                for (int64_t t = tc; t < tc + tn; t += 2) {
+                    const bool pair = t + 1 < tc + tn;
+                    float* keep = partial + (t - tc) * 4 * 256;   // C of this tile pair between slices
+                    if (first) {
+                        _tile_zero(0);
+                        _tile_zero(1);
+                        _tile_zero(2);
+                        _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, keep, 64);
+                        _tile_loadd(1, keep + 256, 64);
+                        _tile_loadd(2, keep + 512, 64);
+                        _tile_loadd(3, keep + 768, 64);
+                    }
+                    const uint32_t* x0 = xt + (t * kc + k0 / 32) * 256;
+                    if (pair) {
+                        const uint32_t* x1 = x0 + kc * 256;
+                        for (int64_t j = 0; j < sc; ++j) {
+                            _tile_loadd(4, a0 + j * 512, 64);
+                            _tile_loadd(6, x0 + j * 256, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_loadd(7, x1 + j * 256, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_loadd(5, a1 + j * 512, 64);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                    } else {                           // an odd last token tile
+                        for (int64_t j = 0; j < sc; ++j) {
+                            _tile_loadd(4, a0 + j * 512, 64);
+                            _tile_loadd(6, x0 + j * 256, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_loadd(5, a1 + j * 512, 64);
+                            _tile_dpbf16ps(2, 5, 6);
+                        }
+                    }
+                    float* dst = last ? ct[0] : keep;
+                    _tile_stored(0, dst, 64);
+                    _tile_stored(1, dst + 256, 64);
+                    _tile_stored(2, dst + 512, 64);
+                    _tile_stored(3, dst + 768, 64);
+                    if (last) {
+                        emit(ct[0], 32 * b, 16 * t);
+                        emit(ct[2], 32 * b + 16, 16 * t);
+                        if (pair) {
+                            emit(ct[1], 32 * b, 16 * t + 16);
+                            emit(ct[3], 32 * b + 16, 16 * t + 16);
+                        }
+                    }
+                }
+            }
+    }
+    _tile_release();
+}
 #endif
 
 }  // namespace
@@ -387,6 +573,32 @@ int optc_gemv_int8(const uint16_t* x, const int8_t* w, const uint16_t* scales, v
 #endif
 }
 
+// The same product on AMX (int8_gemm_amx): K % 32 == 0, any M and N. 0 on success, 9 where AMX is
+// not compiled in or not granted.
+int optc_gemm_int8_amx(const uint16_t* x, const int8_t* w, const uint16_t* scales, void* y,
+                       int out_bf16, int64_t m, int64_t k, int64_t n, int64_t ldy) {
+#ifdef OPTC_HAVE_AMX
+    if (!amx_permitted()) return 9;
+    if (k % 32 != 0 || k <= 0 || m <= 0 || n <= 0 || ldy < n) return 1;
+    const int64_t tiles = (m + 15) / 16;
+    uint32_t* xt = static_cast<uint32_t*>(scratch(0, tiles * 16 * k * sizeof(uint16_t)));
+    if (xt == nullptr) return 2;
+    at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) { xt_pack(x, xt, m, k, t0, t1); });
+    const int64_t blocks = (n + 31) / 32;
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+        const int64_t slice = k < kInt8KSlice ? k : kInt8KSlice;
+        if (scratch(1, 2 * 16 * slice * sizeof(uint16_t)) == nullptr
+            || scratch(2, kMTiles * 4 * 256 * sizeof(float)) == nullptr) { ok = false; return; }
+        int8_gemm_amx(w, scales, xt, y, out_bf16 != 0, m, k, n, ldy, lo, hi);
+    });
+    return ok ? 0 : 2;
+#else
+    (void)x; (void)w; (void)scales; (void)y; (void)out_bf16; (void)m; (void)k; (void)n; (void)ldy;
+    return 9;
+#endif
+}
+
 // y (M, ldy) <- x (M, K) bf16 @ dequant(tile-64 int4 w, sz, group)^T, channels [0, n). 0 on success.
 int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void* y, int out_bf16,
                    int64_t m, int64_t k, int64_t np, int64_t n, int64_t group, int64_t ldy,
@@ -414,14 +626,14 @@ int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void
     if (use_amx && group % 32 == 0 && group <= 128 && amx_permitted()) {   // bt holds 4 chunks
         const int tile_rows = m < 16 ? static_cast<int>(m) : 16;
         const int64_t tiles = (m + 15) / 16;
-        uint16_t* xp = static_cast<uint16_t*>(std::aligned_alloc(64, tiles * (k / 32) * tile_rows * 64));
+        uint16_t* xp = static_cast<uint16_t*>(scratch(0, tiles * (k / 32) * tile_rows * 64));
+        if (xp == nullptr) { delete[] xg; return 2; }
         at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
             pack_a_tiles(x, xp, m, k, tile_rows, t0, t1);
         });
         at::parallel_for(0, np / 64, 1, [&](int64_t lo, int64_t hi) {
             int4_gemm_amx(w, sz, xp, xg, y, out_bf16 != 0, k, np, n, group, ldy, m, lo, hi);
         });
-        std::free(xp);
         delete[] xg;
         return 0;
     }
