@@ -40,7 +40,8 @@ def derive(result: dict[str, Any]) -> None:
     result["bandwidth_gbs"] = best          # best of the measurements at the start and the end
     bw = best["read"] if best else None
     lengths = sorted({T for r in rows for T in _prefill(r)}, key=int)
-    metrics = {"lm": [("decode_tok_s", HIGHER), ("prefill_s", LOWER), ("decode_peak_rss_mib", LOWER)]
+    metrics = {"lm": [("decode_tok_s", HIGHER), ("prefill_s", LOWER), ("decode_peak_rss_mib", LOWER),
+                      ("decode_steady_rss_mib", LOWER)]
                + [(f"prefill.{T}.{k}", LOWER) for T in lengths for k in ("s", "peak_rss_mib")],
                "encoder": [("latency_s", LOWER), ("peak_rss_mib", LOWER)]}
     from benchmarks.configs import all_configs
@@ -137,7 +138,8 @@ def markdown(result: dict[str, Any]) -> str:
         "steady runs after a first call; **compile** is what the first call took beyond a steady one. "
         "Ratios in parentheses are *times better* than eager fp32 / than the best peer of the same model "
         "(> 1 = faster or smaller). Peak RSS is the process's resident peak during that phase (weights as "
-        "run + caches + activations + runtime), reset before the phase.",
+        "run + caches + activations + runtime), reset before the phase; for decode, **peak** includes the "
+        "first call (where a lazy compiler quantizes) and **steady** is the later runs' alone.",
         "",
         f"Memory bandwidth (STREAM-like, {_fmt(next((r.get('gib') for r in rows if r['task'] == 'stream'), None))} "
         f"GiB fp32 arrays, best of repeats, and best of the runs at the suite's start and end: "
@@ -161,6 +163,7 @@ def markdown(result: dict[str, Any]) -> str:
             ("prefill ms", lambda r: _cell(r, "prefill_s", "{:.1f}", 1e3)),
             ("compile s", lambda r: _fmt(_get(r, "compile_s"), "{:.1f}")),
             ("peak RSS MiB", lambda r: _cell(r, "decode_peak_rss_mib", "{:.0f}")),
+            ("steady RSS MiB", lambda r: _cell(r, "decode_steady_rss_mib", "{:.0f}")),
             ("MB/token", lambda r: _fmt(_scaled(_get(r, "bytes_per_token.total"), 1e-6), "{:.1f}")),
             ("ceiling tok/s", lambda r: _fmt(r.get("derived", {}).get("ceiling_tok_s"), "{:.1f}")),
             ("% of ceiling", lambda r: _fmt(_scaled(r.get("derived", {}).get("ceiling_fraction"), 100),

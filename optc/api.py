@@ -398,7 +398,7 @@ def _raise_recompile_limit() -> None:
 def compile(model: torch.nn.Module, *, config: CompileConfig | dict | None = None,
             example_inputs: tuple | tuple[tuple, dict] | None = None,
             inference: bool = True, record_graphs: bool = False, calibration: Any = None,
-            quantized: str | None = None) -> CompiledModel:
+            quantized: str | None = None, offload_weights: bool = False) -> CompiledModel:
     """Compile ``model``; returns a module called exactly like it.
 
     ``example_inputs``: ``(args, kwargs)`` or a tuple of positional args. With it, compilation
@@ -409,13 +409,18 @@ def compile(model: torch.nn.Module, *, config: CompileConfig | dict | None = Non
     ``calibration``: an iterable of model inputs, run eagerly now to collect the statistics
     AWQ needs (quantize_weights); ``quantized``: a directory written by
     ``CompiledModel.save_quantized`` to reuse (``config=None`` takes the config saved there).
+    ``offload_weights``: once ``quantize_weights`` has replaced a linear, its float weight (which
+    ``model`` still holds) moves from RAM to a file-backed mapping: same Parameter, same values,
+    read back from disk if ``model`` itself runs (``optc.quant.offload``; the pass reports
+    ``offloaded`` / ``offload_skipped.*``). Without quantize_weights in the pipeline it does nothing.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optc.compile expects a torch.nn.Module, got {type(model).__name__}; "
                         "wrap a function in an nn.Module or use torch.compile(fn, backend='optc')")
     from optc.quant.serialize import open_store   # quantize_weights: calibration, saved weights
     cfg, quant = open_store(model, _resolve_config(config) if config is not None else None,
-                            calibration=calibration, quantized=quantized)
+                            calibration=calibration, quantized=quantized,
+                            offload_weights=offload_weights)
     cfg = _resolve_config(cfg)
     compiled = CompiledModel(model, cfg, inference=inference, record_graphs=record_graphs,
                              quant=quant)

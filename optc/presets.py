@@ -28,6 +28,8 @@ class Preset:
     lossless: bool = True                # outputs equal eager up to fp rounding, same dtype
     needs_calibration: bool = False      # compile(..., calibration=...) is required
     causal_lm_only: bool = False         # meaningful only for decoder LMs (e.g. KV-cache layouts)
+    # the float weights quantization replaced leave RAM (optc.compile(offload_weights=True))
+    offload_weights: bool = False
 
     def compile(self, model: torch.nn.Module, *, calibration: Any = None,
                 example_inputs: Any = None, copy: bool = True) -> torch.nn.Module:
@@ -45,7 +47,8 @@ class Preset:
             model = (copy_mod.deepcopy(model) if copy else model).to(self.dtype)
             from optc.runtime.trim import release_free_memory
             release_free_memory()       # the old-dtype weights just freed (optc/runtime/trim.py)
-        kwargs: dict[str, Any] = {"config": self.config, "example_inputs": example_inputs}
+        kwargs: dict[str, Any] = {"config": self.config, "example_inputs": example_inputs,
+                                  "offload_weights": self.offload_weights}
         if calibration is not None:
             kwargs["calibration"] = calibration
         return optc.compile(model, **kwargs)
@@ -62,7 +65,9 @@ def _register(*presets: Preset) -> dict[str, Preset]:
 
 def _quant_presets() -> tuple[Preset, ...]:
     """quantize_weights in the default pipeline, one scheme for every linear and the lm_head
-    (as torchao's weight-only configs do); fp32 activations unless the name ends in -bf16."""
+    (as torchao's weight-only configs do); fp32 activations unless the name ends in -bf16. The
+    float weights the quantized linears replaced are offloaded (``optc.quant.offload``): torchao
+    frees them by replacing the module's weights; optc keeps them, out of RAM."""
     from optc.passes.pipeline import pipeline_with
     from optc.passes.quantize_weights import QuantizeWeightsConfig
 
@@ -71,7 +76,8 @@ def _quant_presets() -> tuple[Preset, ...]:
         qcfg = QuantizeWeightsConfig.uniform(mode, group, awq=awq, lm_head=True)
         cfg = CompileConfig(pipeline=pipeline_with("quantize_weights"),
                             passes={"quantize_weights": qcfg.to_dict()})
-        return Preset(name, description, cfg, dtype=dtype, lossless=False, needs_calibration=awq)
+        return Preset(name, description, cfg, dtype=dtype, lossless=False, needs_calibration=awq,
+                      offload_weights=True)
     return (
         q("optc-int8", "int8 weight-only, per output channel (RTN)", "int8"),
         q("optc-int4-g128", "int4 weight-only, group 128, asymmetric (RTN)", "int4", 128),

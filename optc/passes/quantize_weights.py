@@ -713,11 +713,33 @@ def run(gm: fx.GraphModule, cfg: QuantizeWeightsConfig) -> PassResult:
         plan = compute_plan(gm, layout, calibration)
         if store is not None:
             store.add(plan)
+    orig = _originals(gm)
     modified = apply_plan(gm, layout, plan, stats)
     if modified:
         g = gm.graph
         g.eliminate_dead_code()
+        if store is not None and store.offload_dir is not None:
+            stats.update(_offload_replaced(gm, layout, plan, orig, store.offload_dir))
     return PassResult(gm, modified, stats)
+
+
+def _offload_replaced(gm: fx.GraphModule, layout: Layout, plan: QuantPlan,
+                      orig: dict[str, Tensor], directory: Any) -> Counter[str]:
+    """``optc.quant.offload`` of the float weights this graph no longer reads: those of the
+    linears it quantized, unless a live node still reads the same parameter (a tied
+    embedding), so no compiled call ever pages a weight in from disk."""
+    from optc.quant.offload import offload
+    from optc.quant.serialize import remember
+    live = {n.meta["optc_param"] for n in gm.graph.nodes
+            if n.op == "get_attr" and "optc_param" in n.meta and n.users}
+    names = sorted({s.weight_param for s in layout.sites
+                    if s.module in plan.weights and s.weight_param not in live
+                    and s.weight_param in orig})
+    stats = offload([orig[p] for p in names], directory)
+    for p in names:                      # same values, new storage: keep the plan's identity
+        if p in plan.fingerprints:
+            remember(orig[p], plan.fingerprints[p])
+    return stats
 
 
 PASS = PassInfo(

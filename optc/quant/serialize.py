@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,7 @@ TENSORS_FILE = "quantized.safetensors"
 META_FILE = "quantized.json"
 
 
-def fingerprint(t: Tensor) -> str:
-    """A cheap, exact-enough identity of a weight: dtype, shape, float64 sum and abs-sum, and
-    the bytes of up to 4096 evenly strided elements. Tells a model's weights from another's."""
+def _fingerprint(t: Tensor) -> str:
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // 4096)
     h = hashlib.sha256()
@@ -53,12 +52,57 @@ def fingerprint(t: Tensor) -> str:
     return h.hexdigest()[:24]
 
 
+def _probe(t: Tensor) -> tuple:
+    """What must not have changed for a remembered fingerprint to stand: the very object
+    (weak reference, checked apart), its data pointer, version counter (bumped by every
+    in-place write), shape and dtype, and
+    - for a tensor in RAM, the bytes of 64 evenly strided elements;
+    - for one ``optc.quant.offload`` moved to a file mapping, its storage's identity instead:
+      reading even a few elements of the mapping maps whole 2 MiB folios of the page cache
+      into the process (measured: 64 samples of a 128 MiB weight mapped all of it). The
+      remembered entry holds that storage, so its identity is never reused by another."""
+    from optc.quant.offload import is_offloaded
+    base = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+    if is_offloaded(t):
+        return base + (t.untyped_storage()._cdata,)
+    flat = t.detach().reshape(-1)
+    return base + (flat[::max(1, flat.numel() // 64)].float().contiguous().numpy().tobytes(),)
+
+
+_REMEMBERED: dict[int, tuple[weakref.ref, tuple, str, Any]] = {}
+
+
+def fingerprint(t: Tensor) -> str:
+    """A cheap, exact-enough identity of a weight: dtype, shape, float64 sum and abs-sum, and
+    the bytes of up to 4096 evenly strided elements. Tells a model's weights from another's.
+    Remembered per tensor (``_probe``): each graph Dynamo captures looks its plan up by these,
+    and recomputing them reads every weight again (a whole offloaded weight back from disk)."""
+    hit = _REMEMBERED.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == _probe(t):
+        return hit[2]
+    fp = _fingerprint(t)
+    remember(t, fp)
+    return fp
+
+
+def remember(t: Tensor, fp: str) -> None:
+    """Record ``fp`` as ``t``'s fingerprint in its current state (after ``offload`` moved it,
+    the values are the same and the data pointer is new)."""
+    from optc.quant.offload import is_offloaded, weak_entry
+    held = t.untyped_storage() if is_offloaded(t) else None
+    try:
+        _REMEMBERED[id(t)] = (weak_entry(_REMEMBERED, t), _probe(t), fp, held)
+    except TypeError:           # not weak-referenceable: recomputed each time
+        pass
+
+
 class QuantStore:
     """Plans of one compiled model (computed here or loaded), and its calibration statistics."""
 
     def __init__(self, calibration: Any = None, loaded: list | None = None,
-                 source: str | None = None):
+                 source: str | None = None, offload_dir: Path | None = None):
         self.calibration = calibration
+        self.offload_dir = offload_dir    # set: quantize_weights offloads what it replaced
         self.plans: dict[tuple[str, str], Any] = {}     # (signature, weights digest) -> QuantPlan
         self.loaded = loaded is not None
         self.source = source
@@ -102,10 +146,13 @@ def _digest(fps: dict[str, str]) -> str:
 
 
 def open_store(model: torch.nn.Module, cfg: Any, *, calibration: Any = None,
-               quantized: str | os.PathLike | None = None) -> tuple[Any, QuantStore | None]:
+               quantized: str | os.PathLike | None = None, offload_weights: bool = False
+               ) -> tuple[Any, QuantStore | None]:
     """(the CompileConfig to use, the store for ``optc.compile``), or (cfg, None) when no
     quantize_weights runs. Refuses an AWQ config without calibration data or saved weights.
-    ``cfg`` None with ``quantized`` set: the config saved in that directory."""
+    ``cfg`` None with ``quantized`` set: the config saved in that directory.
+    ``offload_weights``: the pass moves the float weights it replaced out of RAM
+    (``optc.quant.offload``), into files under ``<optc cache>/offload``."""
     from optc.config import CompileConfig
     from optc.passes.pipeline import DEFAULT_PIPELINE
     from optc.passes.registry import PASSES
@@ -138,7 +185,12 @@ def open_store(model: torch.nn.Module, cfg: Any, *, calibration: Any = None,
             "calibration data: pass optc.compile(model, config=..., calibration=[batch, ...]) "
             "with a few model inputs (e.g. token-id batches from the training split), or "
             "quantized=DIR of a saved quantization, or use round-to-nearest rules (awq=False)")
-    return cfg, QuantStore(calib, loaded, source=str(quantized) if quantized is not None else None)
+    offload_dir = None
+    if offload_weights:
+        from optc import knobs
+        offload_dir = knobs.cache_dir() / "offload"
+    return cfg, QuantStore(calib, loaded, source=str(quantized) if quantized is not None else None,
+                           offload_dir=offload_dir)
 
 
 def _check_weights(model: torch.nn.Module, plans: list, source: str) -> None:
