@@ -473,7 +473,8 @@ def test_dynamo_graphs_share_one_plan(monkeypatch):
     model = models.build("llama-tiny")
     calls = []
     real = quantize_weights.compute_plan
-    monkeypatch.setattr(quantize_weights, "compute_plan", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(quantize_weights, "compute_plan",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     c = optc.compile(model, config=_config(QuantizeWeightsConfig.uniform("int8")))
     with torch.no_grad():
         for seq in (8, 12):

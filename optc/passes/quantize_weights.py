@@ -500,14 +500,35 @@ def _originals(gm: fx.GraphModule) -> dict[str, Tensor]:
             if n.op == "get_attr" and "optc_param" in n.meta}
 
 
+def _only_site_reads(gm: fx.GraphModule, layout: Layout) -> set[str]:
+    """Params read by nothing but the layout's linears (directly or through their t()): once
+    those are quantized the graph no longer reads them."""
+    sites = {s.node for s in layout.sites}
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or "optc_param" not in n.meta or not n.users:
+            continue
+        if all(u in sites or (_is(u, aten.t.default) and u.users and set(u.users) <= sites)
+               for u in n.users):
+            out.add(n.meta["optc_param"])
+    return out
+
+
 @torch.no_grad()
-def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None) -> QuantPlan:
+def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None, *,
+                 offload_dir: Any = None, stats: Counter[str] | None = None) -> QuantPlan:
+    """The quantized weights, folds and fingerprints of ``layout``. With ``offload_dir``
+    each float weight only the quantized linears read is offloaded (``optc.quant.offload``)
+    as soon as its last linear is quantized, so the compile's peak does not hold every float
+    weight beside every quantized one; ``stats`` gets the offload counts."""
     from optc.quant import awq as awq_search
     from optc.quant.formats import quantize
+    from optc.quant.offload import offload
     from optc.quant.reorder import outlier_perm, weight_magnitude
-    from optc.quant.serialize import fingerprint
+    from optc.quant.serialize import fingerprint, remember
 
     orig = _originals(gm)
+    movable = _only_site_reads(gm, layout) if offload_dir is not None else set()
     transposed = {s.weight_param for s in layout.sites if s.transposed}
     # param -> fp32 value in logical layout (rows = output channels). Never written in place
     # (folds build new tensors), so an fp32 parameter is used as it is, without a copy.
@@ -583,6 +604,14 @@ def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None) ->
                     o.weight_param == s.weight_param and o.module in plan.skipped
                     for o in layout.sites):
                 cur.pop(s.weight_param, None)     # quantized: its float value is not needed
+                if s.weight_param in movable:     # fingerprint first: then it is on disk
+                    t = orig[s.weight_param]
+                    plan.fingerprints[s.weight_param] = fp = fingerprint(t)
+                    got = offload([t], offload_dir)
+                    if got["offloaded"]:
+                        remember(t, fp)
+                    if stats is not None:
+                        stats.update(got)
             del w
     site_weights = {s.weight_param for s in layout.sites if s.module not in plan.skipped}
     for p, v in cur.items():
@@ -593,7 +622,8 @@ def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None) ->
             plan.replaced[p] = v.to(orig[p].dtype).contiguous()
     for p in {s.weight_param for s in layout.sites} | {t for u in layout.units for t in u.targets} \
             | {s.bias_param for s in layout.sites if s.bias_param}:
-        plan.fingerprints[p] = fingerprint(orig[p])
+        if p not in plan.fingerprints:
+            plan.fingerprints[p] = fingerprint(orig[p])
     return plan
 
 
@@ -710,15 +740,21 @@ def run(gm: fx.GraphModule, cfg: QuantizeWeightsConfig) -> PassResult:
             raise ConfigError("quantize_weights: AWQ rules need calibration data: pass "
                               "optc.compile(model, config=..., calibration=[batch, ...]) with model "
                               "inputs (e.g. token-id batches of the training split), or use RTN rules")
-        plan = compute_plan(gm, layout, calibration)
+        offload_dir = store.offload_dir if store is not None else None
+        plan = compute_plan(gm, layout, calibration, offload_dir=offload_dir, stats=stats)
         if store is not None:
             store.add(plan)
+        computed = True
+    else:
+        computed = False
     orig = _originals(gm)
     modified = apply_plan(gm, layout, plan, stats)
     if modified:
         g = gm.graph
         g.eliminate_dead_code()
-        if store is not None and store.offload_dir is not None:
+        if store is not None and store.offload_dir is not None and not computed:
+            # a plan found in the store (another graph's, or a saved one): its weights may
+            # still be in RAM (loaded), else this counts them as already offloaded
             stats.update(_offload_replaced(gm, layout, plan, orig, store.offload_dir))
     return PassResult(gm, modified, stats)
 
