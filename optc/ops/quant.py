@@ -69,8 +69,9 @@ dense column moved by up to 1.7x against the earlier run's, so compare within a 
 A focused interleaved re-run of M=512/2048 (4 rounds) read 0.82-1.18x dense bf16 on the
 TinyLlama shapes (1.04x for 2048->5632 at M=2048).
 
-Medians against dense fp32 / bf16 are in ``DENSE_RATIOS``. Weight-only int8 at M >= 2048 is
-0.78x bf16 dense and int4 at M >= 128 is 0.66-0.71x; ``slower_than_dense`` reports both and
+Medians against dense fp32 / bf16 are in ``DENSE_RATIOS``. Weight-only int8 above M=128 is
+0.98x bf16 dense up to 512 and 0.78x beyond, and int4 at M >= 128 is 0.66-0.71x;
+``slower_than_dense`` reports both and
 ``optc inspect`` prints the note. W8A8 ``_int_mm`` (VNNI/AMX) is faster than
 bf16 dense at M = 2..128. BFP: the two-plane int4 form (block 32) runs ATen's int4 kernel,
 1.1x bf16 at M=1. Block 16 runs dequantize + bf16 GEMM, 0.06x dense at M=1, and is worth it for
