@@ -525,7 +525,7 @@ def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None, *,
     from optc.quant.formats import quantize
     from optc.quant.offload import offload
     from optc.quant.reorder import outlier_perm, weight_magnitude
-    from optc.quant.serialize import fingerprint, remember
+    from optc.quant.serialize import fingerprint
 
     orig = _originals(gm)
     movable = _only_site_reads(gm, layout) if offload_dir is not None else set()
@@ -606,10 +606,8 @@ def compute_plan(gm: fx.GraphModule, layout: Layout, calibration: Any | None, *,
                 cur.pop(s.weight_param, None)     # quantized: its float value is not needed
                 if s.weight_param in movable:     # fingerprint first: then it is on disk
                     t = orig[s.weight_param]
-                    plan.fingerprints[s.weight_param] = fp = fingerprint(t)
-                    got = offload([t], offload_dir)
-                    if got["offloaded"]:
-                        remember(t, fp)
+                    plan.fingerprints[s.weight_param] = fingerprint(t)
+                    got = offload([t], offload_dir)     # keeps the remembered fingerprint
                     if stats is not None:
                         stats.update(got)
             del w
@@ -765,17 +763,13 @@ def _offload_replaced(gm: fx.GraphModule, layout: Layout, plan: QuantPlan,
     linears it quantized, unless a live node still reads the same parameter (a tied
     embedding), so no compiled call ever pages a weight in from disk."""
     from optc.quant.offload import offload
-    from optc.quant.serialize import remember
     live = {n.meta["optc_param"] for n in gm.graph.nodes
             if n.op == "get_attr" and "optc_param" in n.meta and n.users}
     names = sorted({s.weight_param for s in layout.sites
                     if s.module in plan.weights and s.weight_param not in live
                     and s.weight_param in orig})
-    stats = offload([orig[p] for p in names], directory)
-    for p in names:                      # same values, new storage: keep the plan's identity
-        if p in plan.fingerprints:
-            remember(orig[p], plan.fingerprints[p])
-    return stats
+    # the lookup that found the plan fingerprinted them: offload keeps that remembered
+    return offload([orig[p] for p in names], directory)
 
 
 PASS = PassInfo(

@@ -144,6 +144,8 @@ def offload(tensors: list[Tensor], directory: Path) -> Counter[str]:
 
 
 def _offload_one(t: Tensor, directory: Path) -> bool:
+    from optc.quant import serialize       # (imports this module)
+    fp = serialize.remembered(t)           # still true after the move: carried over
     fd, name = tempfile.mkstemp(dir=directory, prefix=".weights.", suffix=".bin")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -152,6 +154,8 @@ def _offload_one(t: Tensor, directory: Path) -> bool:
         with torch.no_grad():
             t.data = mapped.view(t.shape)
         _MAPPED[id(t)] = (weak_entry(_MAPPED, t), t.untyped_storage())
+        if fp is not None:
+            serialize.remember(t, fp)
         return True
     except (OSError, RuntimeError, ValueError):
         return False

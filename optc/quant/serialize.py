@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from optc.config import ConfigError
+from optc.quant.offload import is_offloaded, weak_entry
 
 FORMAT = "optc-quantized"
 FORMAT_VERSION = 1
@@ -61,7 +62,6 @@ def _probe(t: Tensor) -> tuple:
       reading even a few elements of the mapping maps whole 2 MiB folios of the page cache
       into the process (measured: 64 samples of a 128 MiB weight mapped all of it). The
       remembered entry holds that storage, so its identity is never reused by another."""
-    from optc.quant.offload import is_offloaded
     base = (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
     if is_offloaded(t):
         return base + (t.untyped_storage()._cdata,)
@@ -77,18 +77,22 @@ def fingerprint(t: Tensor) -> str:
     the bytes of up to 4096 evenly strided elements. Tells a model's weights from another's.
     Remembered per tensor (``_probe``): each graph Dynamo captures looks its plan up by these,
     and recomputing them reads every weight again (a whole offloaded weight back from disk)."""
-    hit = _REMEMBERED.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == _probe(t):
-        return hit[2]
-    fp = _fingerprint(t)
-    remember(t, fp)
+    fp = remembered(t)
+    if fp is None:
+        fp = _fingerprint(t)
+        remember(t, fp)
     return fp
 
 
+def remembered(t: Tensor) -> str | None:
+    """``t``'s remembered fingerprint if its state has not changed since, else None."""
+    hit = _REMEMBERED.get(id(t))
+    return hit[2] if hit is not None and hit[0]() is t and hit[1] == _probe(t) else None
+
+
 def remember(t: Tensor, fp: str) -> None:
-    """Record ``fp`` as ``t``'s fingerprint in its current state (after ``offload`` moved it,
-    the values are the same and the data pointer is new)."""
-    from optc.quant.offload import is_offloaded, weak_entry
+    """Record ``fp`` as ``t``'s fingerprint in its current state (``offload`` calls it after
+    moving a tensor: same values, new storage)."""
     held = t.untyped_storage() if is_offloaded(t) else None
     try:
         _REMEMBERED[id(t)] = (weak_entry(_REMEMBERED, t), _probe(t), fp, held)

@@ -407,9 +407,14 @@ void xt_pack(const uint16_t* x, uint32_t* xt, int64_t m, int64_t k, int64_t t0, 
 // range passes over them). Partial sums between slices wait in a per-thread buffer.
 constexpr int64_t kInt8KSlice = 2048;
 
-void int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, void* y,
+// False (nothing written) when this thread's buffers could not be allocated.
+bool int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, void* y,
                    bool out_bf16, int64_t m, int64_t k, int64_t n, int64_t ldy, int64_t b0,
                    int64_t b1) {
+    const int64_t slice = k < kInt8KSlice ? k : kInt8KSlice;
+    uint16_t* panel = static_cast<uint16_t*>(scratch(1, 2 * 16 * slice * sizeof(uint16_t)));
+    float* partial = static_cast<float*>(scratch(2, kMTiles * 4 * 256 * sizeof(float)));
+    if (panel == nullptr || partial == nullptr) return false;
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) {
         cfg.colsb[t] = 64;
@@ -417,9 +422,6 @@ void int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, 
     }
     _tile_loadconfig(&cfg);
     const int64_t kc = k / 32, tiles = (m + 15) / 16;
-    const int64_t slice = k < kInt8KSlice ? k : kInt8KSlice;
-    uint16_t* panel = static_cast<uint16_t*>(scratch(1, 2 * 16 * slice * sizeof(uint16_t)));
-    float* partial = static_cast<float*>(scratch(2, kMTiles * 4 * 256 * sizeof(float)));
     alignas(64) float ct[4][16 * 16];
     auto emit = [&](const float* c, int64_t ch0, int64_t tok0) {   // C tile (16 ch x 16 tok)
         const int64_t nch = n - ch0 < 16 ? n - ch0 : 16;
@@ -519,6 +521,7 @@ void int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, 
             }
     }
     _tile_release();
+    return true;
 }
 #endif
 
@@ -587,10 +590,7 @@ int optc_gemm_int8_amx(const uint16_t* x, const int8_t* w, const uint16_t* scale
     const int64_t blocks = (n + 31) / 32;
     std::atomic<bool> ok{true};
     at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-        const int64_t slice = k < kInt8KSlice ? k : kInt8KSlice;
-        if (scratch(1, 2 * 16 * slice * sizeof(uint16_t)) == nullptr
-            || scratch(2, kMTiles * 4 * 256 * sizeof(float)) == nullptr) { ok = false; return; }
-        int8_gemm_amx(w, scales, xt, y, out_bf16 != 0, m, k, n, ldy, lo, hi);
+        if (!int8_gemm_amx(w, scales, xt, y, out_bf16 != 0, m, k, n, ldy, lo, hi)) ok = false;
     });
     return ok ? 0 : 2;
 #else
