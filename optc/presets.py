@@ -74,7 +74,7 @@ def _quant_presets() -> tuple[Preset, ...]:
     def q(name: str, description: str, mode: str, group: int | None = None, awq: bool = False,
           dtype: torch.dtype | None = None) -> Preset:
         qcfg = QuantizeWeightsConfig.uniform(mode, group, awq=awq, lm_head=True)
-        cfg = CompileConfig(pipeline=pipeline_with("quantize_weights"),
+        cfg = CompileConfig(pipeline=pipeline_with("quantize_weights", "fuse_quant_siblings"),
                             passes={"quantize_weights": qcfg.to_dict()})
         return Preset(name, description, cfg, dtype=dtype, lossless=False, needs_calibration=awq,
                       offload_weights=True)

@@ -36,6 +36,12 @@ def _quant_linear_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
     return kernel_source(QuantGemmSpec(name.removeprefix("linear_")), origin)
 
 
+def _quant_group_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
+    # qlinear_group / qswiglu launch the dequant-GEMM kernel of their weights' kind per weight
+    from optc.ops.quant import QuantGemmSpec, kernel_source
+    return kernel_source(QuantGemmSpec(node.args[1]), origin)
+
+
 def _rope_source(name: str, node: fx.Node, origin: KernelOrigin) -> str:
     from optc.ops.rope import kernel_source
     return kernel_source(origin)
@@ -47,6 +53,7 @@ TRITON_SOURCES: dict[str, Callable[[str, fx.Node, KernelOrigin], str]] = {
     "attention": _attention_source, "rope": _rope_source,
     "linear_int8": _quant_linear_source, "linear_int4": _quant_linear_source,
     "linear_w8a8": _quant_linear_source, "linear_bfp": _quant_linear_source,
+    "qlinear_group": _quant_group_source, "qswiglu": _quant_group_source,
 }
 
 
@@ -55,10 +62,16 @@ def _quant_cpu_note(node: fx.Node) -> str:
     return describe_cpu_node(node)
 
 
+def _quant_group_cpu_note(node: fx.Node) -> str:
+    from optc.ops.quant_group import describe_cpu_node
+    return describe_cpu_node(node)
+
+
 # op name -> function describing the CPU implementation's choice for one node of that op
 CPU_NOTES: dict[str, Callable[[fx.Node], str]] = {
     "linear_int8": _quant_cpu_note, "linear_int4": _quant_cpu_note,
     "linear_w8a8": _quant_cpu_note, "linear_bfp": _quant_cpu_note,
+    "qlinear_group": _quant_group_cpu_note, "qswiglu": _quant_group_cpu_note,
 }
 
 

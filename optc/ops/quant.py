@@ -381,11 +381,11 @@ def cpu_path(kind: str, m: int, k: int) -> str:
     return path
 
 
-def describe_cpu_node(node: Any) -> str:
+def describe_cpu_node(node: Any, kind: str | None = None) -> str:
     """The CPU path an FX node of one of these ops runs, and whether it is slower than dense
-    (for ``optc inspect``): exact for a static M, every bucket for a symbolic one."""
-    name = node.target._opname
-    kind = name.removeprefix("linear_")
+    (for ``optc inspect``): exact for a static M, every bucket for a symbolic one. ``kind``:
+    the weights' format where the op's name does not say it (``optc.ops.quant_group``)."""
+    kind = kind or node.target._opname.removeprefix("linear_")
     if kind == "bfp":
         kind = "bfp_planes" if node.args[-2] else "bfp_blocks"
     x = node.args[0].meta.get("val")

@@ -23,12 +23,15 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
 )
 
 # Opt-in passes and the default pass they must precede (their place in ``pipeline_with``).
-_INSERT_BEFORE: dict[str, str] = {"quantize_weights": "fuse_qkv"}
+# fuse_quant_siblings groups the quantized linears (after quantize_weights, listed first) before
+# fuse_qkv sees the float ones left.
+_INSERT_BEFORE: dict[str, str] = {"quantize_weights": "fuse_qkv", "fuse_quant_siblings": "fuse_qkv"}
 
 
 def pipeline_with(*extra: str) -> tuple[str, ...]:
     """The default pipeline with opt-in passes at their place: ``quantize_weights`` runs after
-    the lossless fusions that read separate projections and before ``fuse_qkv``."""
+    the lossless fusions that read separate projections and before ``fuse_qkv``, and
+    ``fuse_quant_siblings`` right after it (pass them in that order)."""
     out = list(DEFAULT_PIPELINE)
     for name in extra:
         at = _INSERT_BEFORE.get(name)

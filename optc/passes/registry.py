@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from optc.passes import (fuse_add_norm, fuse_attention, fuse_qkv, fuse_rope, quantize_weights,
-                         remove_noops, strength_reduce)
+from optc.passes import (fuse_add_norm, fuse_attention, fuse_qkv, fuse_quant_siblings, fuse_rope,
+                         quantize_weights, remove_noops, strength_reduce)
 from optc.passes.base import PassInfo
 
 PASSES: dict[str, PassInfo] = {p.name: p for p in (
@@ -14,4 +14,5 @@ PASSES: dict[str, PassInfo] = {p.name: p for p in (
     fuse_qkv.PASS,
     strength_reduce.PASS,
     quantize_weights.PASS,
+    fuse_quant_siblings.PASS,
 )}

@@ -383,9 +383,11 @@ class Program:
 
     def _const_or_runtime(self, a: Any) -> Any:
         """A node argument for ``OpDef.specialize``: a constant's value, ``RUNTIME`` for any
-        other node, the literal itself otherwise."""
+        other node, the literal itself otherwise; lists and tuples element by element."""
         from optc.graph.match import attr_value
         from optc.ops.registry import RUNTIME
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._const_or_runtime(b) for b in a)
         if not isinstance(a, fx.Node):
             return a
         return attr_value(self.gm, a) if a.op == "get_attr" else RUNTIME

@@ -41,11 +41,12 @@ from torch import Tensor
 from optc import knobs
 
 SOURCES = tuple(Path(__file__).with_name(f) for f in ("dequant.cpp", "gemv.cpp", "decode.cpp"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)       # part of the cache key, not compiled
+# part of the cache key, not compiled
+HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vmath.h"))
 # -ffp-contract=off: no product is fused into a following sum unless the source says so
 # (decode.cpp's RMSNorm rounds each product where ATen does, to give ATen's bits).
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 7
+ABI_VERSION = 8
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -120,6 +121,7 @@ def _load(path: Path) -> ctypes.CDLL:
                        ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemm_int8_amx", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
+                       ("optc_gemv_multi", [i32, p, i32, p, p, p, p, p, i64, i64, i32]),
                        ("optc_gemv_features", []),
                        ("optc_decode_features", []),
                        ("optc_add_rms_norm", [p] * 5 + [i32] * 3 + [i64] * 2 + [ctypes.c_float]),
@@ -382,6 +384,59 @@ def gemv_bound(kind: str, w: Tensor, aux: Tensor, group_size: int, n: int
             raise RuntimeError(f"optc native {kind} GEMV rejected its arguments (code {rc}): "
                                f"x {tuple(x.shape)}, w {tuple(w.shape)}")
         return y
+    return run
+
+
+def gemv_multi_bound(kind: str, ws: list[Tensor], auxs: list[Tensor], group_size: int,
+                     ns: list[int], *, swiglu: bool = False
+                     ) -> Callable[[Tensor], list[Tensor] | Tensor | None] | None:
+    """One-row GEMVs of several constant weights of one K as one native call (one parallel
+    region, one pass over x): ``f(x) -> [y_i]``, or with ``swiglu`` (two weights of one N)
+    ``f(x) -> silu(y_0) * y_1``, bf16 (..., n). The checks of :func:`gemv_bound` are done here
+    once; ``f`` checks only x and returns None where it is not a contiguous CPU bf16 row.
+    None when the kernel cannot read these weights (then call them one by one)."""
+    lib, feats = _hot()
+    nw = len(ws)
+    if lib is None or not 1 <= nw <= 8 or len(auxs) != nw or len(ns) != nw:
+        return None
+    if swiglu and (nw != 2 or ns[0] != ns[1]):
+        return None
+    if kind == "int8":
+        if not feats & INT8_GEMV or not all(_int8_layout_ok(w, a) for w, a in zip(ws, auxs)):
+            return None
+        code, k, nps = 0, ws[0].shape[1], [w.shape[0] for w in ws]
+        if list(ns) != nps:
+            return None
+    elif kind == "int4":
+        if not feats & INT4_GEMV or not all(_int4_layout_ok(w, a, group_size, n)
+                                            for w, a, n in zip(ws, auxs, ns)):
+            return None
+        code, k, nps = 1, 2 * ws[0].shape[1], [w.shape[0] for w in ws]
+    else:
+        raise ValueError(f"gemv_multi_bound: kind must be 'int8' or 'int4', got {kind!r}")
+    if any(w.shape[1] != ws[0].shape[1] for w in ws) or (swiglu and nps[0] != nps[1]):
+        return None
+    ptrs = ctypes.c_void_p * nw
+    sizes = ctypes.c_int64 * nw
+    wptr, aptr = [w.data_ptr() for w in ws], [a.data_ptr() for a in auxs]
+    w_arr, a_arr, np_arr, n_arr = ptrs(*wptr), ptrs(*aptr), sizes(*nps), sizes(*ns)
+    fn, bf16, empty, g = lib.optc_gemv_multi, torch.bfloat16, torch.empty, group_size if code else 0
+    pairs = list(zip(ws, wptr)) + list(zip(auxs, aptr))
+    outs = list(ns)
+
+    def run(x: Tensor) -> list[Tensor] | Tensor | None:
+        if x.dtype != bf16 or not x.is_cpu or not x.is_contiguous() or x.shape[-1] != k \
+                or x.numel() != k or any(t.data_ptr() != p for t, p in pairs):
+            return None
+        lead = x.shape[:-1]
+        ys = [empty(*lead, n, dtype=bf16) for n in outs]
+        rc = fn(code, x.data_ptr(), nw, w_arr, a_arr, ptrs(*(y.data_ptr() for y in ys)), np_arr,
+                n_arr, k, g, int(swiglu))
+        if rc != 0:
+            raise RuntimeError(f"optc native multi-GEMV rejected its arguments (code {rc}): "
+                               f"{kind}, x {tuple(x.shape)}, weights "
+                               f"{[tuple(w.shape) for w in ws]}")
+        return ys[0] if swiglu else ys
     return run
 
 

@@ -31,6 +31,7 @@
 #include <ATen/Parallel.h>
 
 #include "bf16.h"
+#include "vmath.h"
 
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -40,7 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define OPTC_HAVE_INT8 1
 #if defined(__AVX512BF16__)
@@ -525,6 +526,27 @@ bool int8_gemm_amx(const int8_t* w, const uint16_t* scales, const uint32_t* xt, 
 }
 #endif
 
+#if defined(OPTC_HAVE_INT8)
+// SiLU(g) * u over bf16 vectors, rounded where the unfused ops round: s = bf16(g / (1 + e^-g))
+// (ATen's silu formula in fp32), then bf16(s * u) (ATen's bf16 mul). e^-g: exp_ps, ~2 ulp in fp32,
+// so s can differ from ATen's in the last bf16 bit where the fp32 value sits on a rounding edge.
+void silu_mul_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t c0, int64_t c1) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    alignas(64) float sv[16];
+    for (int64_t c = c0; c < c1; c += 16) {
+        const int64_t len = c1 - c < 16 ? c1 - c : 16;
+        const __mmask16 m = static_cast<__mmask16>((1u << len) - 1u);
+        const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(m, g + c)), 16));
+        const __m512 den = _mm512_add_ps(one, optc_native::exp_ps(
+            _mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        _mm512_store_ps(sv, _mm512_div_ps(gv, den));
+        for (int64_t i = 0; i < len; ++i)
+            y[c + i] = f32_to_bf16_rne(bf16_to_f32(f32_to_bf16_rne(sv[i])) * bf16_to_f32(u[c + i]));
+    }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -659,6 +681,89 @@ int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void
 #else
     (void)x; (void)w; (void)sz; (void)y; (void)out_bf16; (void)m; (void)k; (void)np; (void)n;
     (void)group; (void)ldy; (void)use_amx;
+    return 9;
+#endif
+}
+
+// One row x (K,) bf16 against nw weights of the same K in one parallel region (a decode step's
+// Q/K/V or gate/up projections: one wake of the thread pool and one pass over x instead of nw).
+// kind 0: int8, w[i] (n[i], K), aux[i] scales (n[i],); kind 1: int4 tile-64, w[i] (np[i] / 64, K,
+// 32), aux[i] scales_zeros (K / group, np[i], 2). y[i] (n[i],) bf16: each channel computed exactly
+// as optc_gemv_int8 / optc_gemv_int4 compute it (same loop, same sums: the same bits). The work
+// is cut in units of 64 channels over all weights, split evenly over the threads.
+// swiglu (nw == 2, equal n): y[0] <- silu(x W0^T) * (x W1^T), each thread applying it to its own
+// channels of both (silu_mul_bf16); y[1] is scratch space for the second product.
+int optc_gemv_multi(int kind, const uint16_t* x, int nw, const void* const* w,
+                    const void* const* aux, void* const* y, const int64_t* np, const int64_t* n,
+                    int64_t k, int64_t group, int swiglu) {
+#ifdef OPTC_HAVE_INT8
+    constexpr int kMaxWeights = 8;
+    if (nw < 1 || nw > kMaxWeights || k <= 0 || (kind != 0 && kind != 1)) return 1;
+    if (swiglu && (nw != 2 || n[0] != n[1] || np[0] != np[1])) return 1;
+    int64_t first[kMaxWeights + 1] = {0};            // prefix sums of units
+    for (int i = 0; i < nw; ++i) {
+        if (n[i] <= 0 || n[i] > np[i]) return 1;
+        if (kind == 1 && np[i] % 64 != 0) return 1;
+        first[i + 1] = first[i] + (kind == 1 ? np[i] / 64 : (n[i] + 63) / 64);
+    }
+    float* xs = nullptr;                             // int8: x in fp32; int4: x's group sums
+    if (kind == 0) {
+        if (k % 16 != 0) return 1;
+        xs = new float[k];
+        for (int64_t i = 0; i < k; ++i) xs[i] = bf16_to_f32(x[i]);
+    } else {
+#ifdef OPTC_HAVE_INT4
+        if (group <= 0 || group % 2 != 0 || k % group != 0) return 1;
+        const int64_t ngroups = k / group;
+        xs = new float[ngroups];
+        for (int64_t g = 0; g < ngroups; ++g) {      // as optc_gemv_int4 sums them
+            const uint16_t* xr = x + g * group;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t i = 0;
+            for (; i + 16 <= group; i += 16)
+                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
+            float s = _mm512_reduce_add_ps(acc);
+            for (; i < group; ++i) s += bf16_to_f32(xr[i]);
+            xs[g] = s;
+        }
+#else
+        return 9;
+#endif
+    }
+    auto run = [&](int i, int64_t u0, int64_t u1) {  // units [u0, u1) of weight i
+        if (kind == 0) {
+            const int64_t c1 = 64 * u1 < n[i] ? 64 * u1 : n[i];
+            int8_channels<1>(static_cast<const int8_t*>(w[i]), static_cast<const uint16_t*>(aux[i]),
+                             xs, y[i], true, k, n[i], 64 * u0, c1);
+        } else {
+#ifdef OPTC_HAVE_INT4
+            int4_blocks<1>(static_cast<const uint8_t*>(w[i]), static_cast<const uint16_t*>(aux[i]),
+                           x, xs, y[i], true, k, np[i], n[i], group, n[i], u0, u1);
+#endif
+        }
+    };
+    if (swiglu) {
+        at::parallel_for(0, first[1], 1, [&](int64_t lo, int64_t hi) {
+            run(0, lo, hi);
+            run(1, lo, hi);
+            silu_mul_bf16(static_cast<const uint16_t*>(y[0]), static_cast<const uint16_t*>(y[1]),
+                          static_cast<uint16_t*>(y[0]), 64 * lo, 64 * hi < n[0] ? 64 * hi : n[0]);
+        });
+    } else {
+        at::parallel_for(0, first[nw], 1, [&](int64_t lo, int64_t hi) {
+            for (int i = 0; i < nw; ++i) {
+                const int64_t a = lo > first[i] ? lo : first[i];
+                const int64_t b = hi < first[i + 1] ? hi : first[i + 1];
+                if (a < b) run(i, a - first[i], b - first[i]);
+            }
+        });
+    }
+    delete[] xs;
+    return 0;
+#else
+    (void)kind; (void)x; (void)nw; (void)w; (void)aux; (void)y; (void)np; (void)n; (void)k;
+    (void)group; (void)swiglu;
     return 9;
 #endif
 }
