@@ -153,6 +153,18 @@ struct Int4Decode {
     }
 };
 
+// sum of one group of x (bf16) in fp32: the X_g of the int4 kernels' offset terms
+inline float group_sum(const uint16_t* xr, int64_t group) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= group; i += 16)
+        acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
+    float s = _mm512_reduce_add_ps(acc);
+    for (; i < group; ++i) s += bf16_to_f32(xr[i]);
+    return s;
+}
+
 // Blocks [b0, b1) of 64 channels, rows [0, rows) of x (bf16, row stride k); xg (rows, K/G) the
 // group sums of x. Channels >= n (the tile padding) are not written.
 template <int rows>
@@ -632,17 +644,8 @@ int optc_gemv_int4(const uint16_t* x, const uint8_t* w, const uint16_t* sz, void
     float* xg = new float[m * ngroups];
     at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
-            for (int64_t g = 0; g < ngroups; ++g) {
-                const uint16_t* xr = x + r * k + g * group;
-                __m512 acc = _mm512_setzero_ps();
-                int64_t i = 0;
-                for (; i + 16 <= group; i += 16)
-                    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
-                float s = _mm512_reduce_add_ps(acc);
-                for (; i < group; ++i) s += bf16_to_f32(xr[i]);
-                xg[r * ngroups + g] = s;
-            }
+            for (int64_t g = 0; g < ngroups; ++g)
+                xg[r * ngroups + g] = group_sum(x + r * k + g * group, group);
     });
 #ifdef OPTC_HAVE_AMX
     if (use_amx && group % 32 == 0 && group <= 128 && amx_permitted()) {   // bt holds 4 chunks
@@ -716,17 +719,7 @@ int optc_gemv_multi(int kind, const uint16_t* x, int nw, const void* const* w,
         if (group <= 0 || group % 2 != 0 || k % group != 0) return 1;
         const int64_t ngroups = k / group;
         xs = new float[ngroups];
-        for (int64_t g = 0; g < ngroups; ++g) {      // as optc_gemv_int4 sums them
-            const uint16_t* xr = x + g * group;
-            __m512 acc = _mm512_setzero_ps();
-            int64_t i = 0;
-            for (; i + 16 <= group; i += 16)
-                acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + i))), 16)));
-            float s = _mm512_reduce_add_ps(acc);
-            for (; i < group; ++i) s += bf16_to_f32(xr[i]);
-            xs[g] = s;
-        }
+        for (int64_t g = 0; g < ngroups; ++g) xs[g] = group_sum(x + g * group, group);
 #else
         return 9;
 #endif
