@@ -324,3 +324,22 @@ INTERPRETER_SCRIPT = textwrap.dedent("""
 def test_triton_composition_under_interpreter(interpreted):
     result = interpreted(INTERPRETER_SCRIPT, timeout=600)
     assert result == {"checks": 6, "failures": []}, result
+
+
+def test_cost_and_inventory_know_the_ops():
+    from optc.codegen.inventory import kernels_for_graph
+    from optc.graph.cost import evaluate, node_cost
+    _, _, gm = run_pass(Layer().to(BF16), (_x(),), INT4)
+    nodes = {n.target._opname: n for n in gm.graph.nodes
+             if n.op == "call_function" and getattr(n.target, "namespace", None) == "optc"}
+    group, swiglu = nodes["qlinear_group"], nodes["qswiglu"]
+    ws = [getattr(gm, a.target) for a in (*group.args[2], *group.args[3])]
+    cost = node_cost(group)
+    assert evaluate(cost.flops) == 2 * 128 * (128 + 64 + 64)
+    assert evaluate(cost.bytes) == 128 * 2 + sum(w.nbytes for w in ws) + (128 + 64 + 64) * 2
+    assert evaluate(node_cost(swiglu).flops) == 2 * 2 * 128 * 256 + 2 * 256
+    entries = {e["op"]: e for e in kernels_for_graph(gm)}
+    assert entries["optc.qlinear_group"]["triton"].startswith("generated")
+    assert "one native call for 3 weights" in entries["optc.qlinear_group"]["cpu"] or \
+        not native.features() & native.INT4_GEMV
+    assert "silu*mul" in entries["optc.qswiglu"]["cpu"] or not native.features() & native.INT4_GEMV

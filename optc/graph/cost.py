@@ -55,6 +55,7 @@ def _is_view(t: Any) -> bool:
 
 
 QUANT_LINEAR_OPS = frozenset({"linear_int8", "linear_int4", "linear_w8a8", "linear_bfp"})
+QUANT_GROUP_OPS = frozenset({"qlinear_group", "qswiglu"})      # optc.ops.quant_group
 
 
 def _val(a: Any) -> Any:
@@ -68,7 +69,8 @@ def node_cost(n: fx.Node) -> Cost:
     out = n.meta.get("val")
     if _is_view(t):
         return ZERO
-    ins = [_val(a) for a in n.args] + [_val(a) for a in n.kwargs.values()]
+    ins = [_val(b) for a in (*n.args, *n.kwargs.values())
+           for b in (a if isinstance(a, (list, tuple)) else (a,))]     # lists: qlinear_group
     tensors_in = [v for v in ins if isinstance(v, torch.Tensor)]
     nbytes = sympy.Add(*[_nbytes(v) for v in tensors_in]) + _nbytes(out)
     flops: sympy.Expr = sympy.Integer(0)
@@ -78,6 +80,13 @@ def node_cost(n: fx.Node) -> Cost:
             and t._opname in QUANT_LINEAR_OPS and isinstance(out, torch.Tensor):
         # optc.ops.quant: a GEMM over the dequantized weight; bytes are the packed tensors read
         flops = 2 * _numel(out) * sympy.sympify(size_expr(tensors_in[0].shape[-1]))
+    elif isinstance(t, torch._ops.OpOverload) and t.namespace == "optc" \
+            and t._opname in QUANT_GROUP_OPS:
+        # one GEMM per weight (qswiglu: two of its output's size, then silu and the product)
+        k = sympy.sympify(size_expr(tensors_in[0].shape[-1]))
+        outs = list(out) if isinstance(out, (list, tuple)) else [out, out]
+        flops = sympy.Add(*[2 * _numel(o) * k for o in outs]) + (
+            0 if isinstance(out, (list, tuple)) else 2 * _numel(out))
     elif isinstance(out, torch.Tensor):
         if t in (aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default,
                  aten.bmm.default):
