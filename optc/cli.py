@@ -265,13 +265,14 @@ def print_inspect(info: dict[str, Any], print_after_all: bool) -> None:
                       + (f" ({p['skipped']})" if p["skipped"] else "")
                       + (f" (FAILED: {p['error']})" if p["error"] else ""))
         print("\n-- passes:")
-        print(f"   {'pass':<16} {'status':<10} {'rewrites':>8} {'nodes':>13} {'ms':>8}  stats")
+        w = max([16, *(len(p["name"]) for p in g.get("passes", []))])
+        print(f"   {'pass':<{w}} {'status':<10} {'rewrites':>8} {'nodes':>13} {'ms':>8}  stats")
         for p in g.get("passes", []):
             status = ("failed" if p["error"] else "skipped" if p["skipped"]
                       else "changed" if p["modified"] else "no-op")
             stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items())
             nodes = f"{p['nodes_before']}->{p['nodes_after']}"
-            print(f"   {p['name']:<16} {status:<10} {p['rewrites']:>8} {nodes:>13} {p['ms']:>8.2f}  {stats}")
+            print(f"   {p['name']:<{w}} {status:<10} {p['rewrites']:>8} {nodes:>13} {p['ms']:>8.2f}  {stats}")
             if p["error"]:
                 print(f"      error: {p['error']}; reproducer: {p['reproducer']}")
         c = g.get("cost", {})

@@ -164,15 +164,19 @@ def describe_cpu_node(node: Any) -> str:
     x = node.args[0].meta.get("val")
     kind = node.args[1]
     count = len(node.args[2]) if node.target._opname == "qlinear_group" else 2
-    first = one(node, kind=kind)
+    per = one(node, kind=kind)
     if not isinstance(x, Tensor) or kind not in KINDS:
-        return first
+        return per
     k = int(x.shape[-1])
-    gemv = cpu_path(kind, 1, k) == ("gemv" if kind == "int4" else "native")
-    fused = f"M=1 bf16: one native call for {count} weights" + (
-        " + silu*mul" if node.target._opname == "qswiglu" else "") if gemv else \
-        "M=1: separate calls (the table does not pick the GEMV)"
-    return f"{fused}; per weight: {first}"
+    gemv = cpu_path(kind, 1, k) == ("gemv" if kind == "int4" else "native") and \
+        x.dtype == torch.bfloat16
+    fused = f"one native call for {count} weights" + (
+        " + silu*mul" if node.target._opname == "qswiglu" else "")
+    if any(isinstance(d, torch.SymInt) for d in x.shape):
+        return (f"M=1: {fused}; " if gemv else "") + f"other M, each weight: {per}"
+    if x.numel() // max(k, 1) == 1 and gemv:
+        return f"M=1: {fused}"
+    return f"each weight: {per}"
 
 
 QLINEAR_GROUP = define(
