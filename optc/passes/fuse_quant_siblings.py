@@ -147,9 +147,10 @@ def _groups(g: fx.Graph, cfg: FuseQuantSiblingsConfig, stats: Counter[str]) -> N
         lin = _linear(n)
         if lin is not None:
             by_key.setdefault((n.args[0], lin.kind, lin.group, lin.k), []).append(lin)
+    size = max(cfg.max_group, 2)
     for (x, kind, group, _k), members in by_key.items():
-        for start in range(0, len(members), max(cfg.max_group, 2)):
-            chunk = members[start:start + max(cfg.max_group, 2)]
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
             if len(chunk) < 2:
                 continue
             if not take_rewrite():

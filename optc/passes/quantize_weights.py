@@ -732,7 +732,8 @@ def run(gm: fx.GraphModule, cfg: QuantizeWeightsConfig) -> PassResult:
         return PassResult(gm, False, stats)
     store = gm.meta.get("optc_quant")
     plan = store.lookup(gm, layout) if store is not None else None
-    if plan is None:
+    computed = plan is None
+    if computed:
         calibration = store.calibration if store is not None else None
         if calibration is None and any(u.transform == "awq" for u in layout.units):
             raise ConfigError("quantize_weights: AWQ rules need calibration data: pass "
@@ -742,9 +743,6 @@ def run(gm: fx.GraphModule, cfg: QuantizeWeightsConfig) -> PassResult:
         plan = compute_plan(gm, layout, calibration, offload_dir=offload_dir, stats=stats)
         if store is not None:
             store.add(plan)
-        computed = True
-    else:
-        computed = False
     orig = _originals(gm)
     modified = apply_plan(gm, layout, plan, stats)
     if modified:

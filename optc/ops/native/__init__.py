@@ -344,6 +344,20 @@ def int4_matmul(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int
     return y
 
 
+def _gemv_shape(kind: str, feats: int, w: Tensor, aux: Tensor, group_size: int, n: int
+                ) -> tuple[int, int, int] | None:
+    """(K, Np, N) of one constant weight the one-row GEMV kernels can read, else None."""
+    if kind == "int8":
+        if not feats & INT8_GEMV or not _int8_layout_ok(w, aux):
+            return None
+        return w.shape[1], w.shape[0], w.shape[0]
+    if kind == "int4":
+        if not feats & INT4_GEMV or not _int4_layout_ok(w, aux, group_size, n):
+            return None
+        return 2 * w.shape[1], w.shape[0], n
+    raise ValueError(f"one-row GEMV: kind must be 'int8' or 'int4', got {kind!r}")
+
+
 def gemv_bound(kind: str, w: Tensor, aux: Tensor, group_size: int, n: int
                ) -> Callable[[Tensor], Tensor | None] | None:
     """The one-row decode GEMV of one constant weight as ``f(x) -> y or None``: the layout
@@ -356,22 +370,15 @@ def gemv_bound(kind: str, w: Tensor, aux: Tensor, group_size: int, n: int
     lib, feats = _hot()
     if lib is None:
         return None
+    shape = _gemv_shape(kind, feats, w, aux, group_size, n)
+    if shape is None:
+        return None
+    k, np_, n = shape
     if kind == "int8":
-        if not feats & INT8_GEMV or not _int8_layout_ok(w, aux):
-            return None
-        nn, k = w.shape
-        fn, args = lib.optc_gemv_int8, (w.data_ptr(), aux.data_ptr())
-        tail = (1, 1, k, nn, nn)
-        n = nn
-    elif kind == "int4":
-        if not feats & INT4_GEMV or not _int4_layout_ok(w, aux, group_size, n):
-            return None
-        np_, k = w.shape[0], 2 * w.shape[1]
-        fn, args = lib.optc_gemv_int4, (w.data_ptr(), aux.data_ptr())
-        tail = (1, 1, k, np_, n, group_size, n, 0)
+        fn, tail = lib.optc_gemv_int8, (1, 1, k, n, n)
     else:
-        raise ValueError(f"gemv_bound: kind must be 'int8' or 'int4', got {kind!r}")
-    wp, ap = args
+        fn, tail = lib.optc_gemv_int4, (1, 1, k, np_, n, group_size, n, 0)
+    wp, ap = w.data_ptr(), aux.data_ptr()
     bf16, empty = torch.bfloat16, torch.empty
 
     def run(x: Tensor) -> Tensor | None:
@@ -399,30 +406,20 @@ def gemv_multi_bound(kind: str, ws: list[Tensor], auxs: list[Tensor], group_size
     nw = len(ws)
     if lib is None or not 1 <= nw <= 8 or len(auxs) != nw or len(ns) != nw:
         return None
-    if swiglu and (nw != 2 or ns[0] != ns[1]):
+    shapes = [_gemv_shape(kind, feats, w, a, group_size, n) for w, a, n in zip(ws, auxs, ns)]
+    if any(sh is None for sh in shapes):
         return None
-    if kind == "int8":
-        if not feats & INT8_GEMV or not all(_int8_layout_ok(w, a) for w, a in zip(ws, auxs)):
-            return None
-        code, k, nps = 0, ws[0].shape[1], [w.shape[0] for w in ws]
-        if list(ns) != nps:
-            return None
-    elif kind == "int4":
-        if not feats & INT4_GEMV or not all(_int4_layout_ok(w, a, group_size, n)
-                                            for w, a, n in zip(ws, auxs, ns)):
-            return None
-        code, k, nps = 1, 2 * ws[0].shape[1], [w.shape[0] for w in ws]
-    else:
-        raise ValueError(f"gemv_multi_bound: kind must be 'int8' or 'int4', got {kind!r}")
-    if any(w.shape[1] != ws[0].shape[1] for w in ws) or (swiglu and nps[0] != nps[1]):
+    ks, nps, outs = zip(*shapes)
+    if len(set(ks)) != 1 or list(outs) != list(ns) or \
+            (swiglu and (nw != 2 or len(set(zip(nps, outs))) != 1)):
         return None
-    ptrs = ctypes.c_void_p * nw
-    sizes = ctypes.c_int64 * nw
-    wptr, aptr = [w.data_ptr() for w in ws], [a.data_ptr() for a in auxs]
-    w_arr, a_arr, np_arr, n_arr = ptrs(*wptr), ptrs(*aptr), sizes(*nps), sizes(*ns)
-    fn, bf16, empty, g = lib.optc_gemv_multi, torch.bfloat16, torch.empty, group_size if code else 0
-    pairs = list(zip(ws, wptr)) + list(zip(auxs, aptr))
-    outs = list(ns)
+    k, sw = ks[0], int(swiglu)
+    code, g = (0, 0) if kind == "int8" else (1, group_size)
+    ptrs, sizes = ctypes.c_void_p * nw, ctypes.c_int64 * nw
+    pairs = [(t, t.data_ptr()) for t in (*ws, *auxs)]
+    w_arr, a_arr = ptrs(*(p for _, p in pairs[:nw])), ptrs(*(p for _, p in pairs[nw:]))
+    np_arr, n_arr = sizes(*nps), sizes(*outs)
+    fn, bf16, empty = lib.optc_gemv_multi, torch.bfloat16, torch.empty
 
     def run(x: Tensor) -> list[Tensor] | Tensor | None:
         if x.dtype != bf16 or not x.is_cpu or not x.is_contiguous() or x.shape[-1] != k \
@@ -431,7 +428,7 @@ def gemv_multi_bound(kind: str, ws: list[Tensor], auxs: list[Tensor], group_size
         lead = x.shape[:-1]
         ys = [empty(*lead, n, dtype=bf16) for n in outs]
         rc = fn(code, x.data_ptr(), nw, w_arr, a_arr, ptrs(*(y.data_ptr() for y in ys)), np_arr,
-                n_arr, k, g, int(swiglu))
+                n_arr, k, g, sw)
         if rc != 0:
             raise RuntimeError(f"optc native multi-GEMV rejected its arguments (code {rc}): "
                                f"{kind}, x {tuple(x.shape)}, weights "
