@@ -16,6 +16,9 @@ the large shapes (>= 23 MB in bf16) are DRAM-bound as in a model.
     ... --shapes 2048x5632,4096x4096 --ms 1,128 --rounds 7 --threads 2
     .venv/bin/python -m benchmarks.quant_kernels --table [--metric cpu_min_ms]   # from the JSON
 
+Paths named ``amx`` are skipped where AMX is not there (they would time their fallbacks); the
+report names the CPU and whether it has AMX, and ``optc/ops/quant.py`` keeps one table per kind
+of machine (``CPU_PATHS`` from the AMX Xeon's runs, ``CPU_PATHS_NO_AMX`` from the EPYC's).
 ``--table`` prints ``CPU_PATHS`` and ``DENSE_RATIOS`` for ``optc/ops/quant.py``: per kind and
 measured M, the path with the highest median speed relative to dense bf16 over the
 TinyLlama-1.1B shapes (int4: both group sizes), and that path's median speed relative to
@@ -38,6 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from optc.ops import native
 from optc.ops import quant as Q
 from optc.quant import formats as fmt
 
@@ -83,6 +87,8 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> list[tuple[str, str, Callabl
             continue
         q = fmt.quantize(w, scheme, layout=layout)
         for path in Q.CPU_IMPLS[Q.kind_of(q)]:
+            if path == "amx" and not native.features() & native.AMX:
+                continue      # it would time its fallback, not AMX
             out.append((scheme.label, path,
                         lambda q=q, path=path: Q.run_cpu_path(q, x, None, path), q.nbytes()))
     return out
@@ -116,9 +122,20 @@ def run(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], rounds:
     return rows
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], key: str = "min_ms") -> str:
     lines = [f"# Quantized linear CPU paths ({meta['when']}, {meta['threads']} threads, "
-             f"torch {meta['torch']}, {meta['machine']})", "",
+             f"torch {meta['torch']}, {meta['machine']}, {meta.get('cpu', '')}, "
+             f"AMX {'yes' if meta.get('amx') else 'no'})", "",
              f"Load average at the end of the run: {meta.get('load_avg')}. "
              f"{meta.get('note', '')}", "",
              f"`{key}`: minimum over interleaved rounds of the wall time (`min_ms`) or of the "
@@ -224,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(shapes, ms, a.dtypes.split(","), a.rounds, a.sample_s)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "threads": a.threads,
             "torch": torch.__version__, "machine": platform.machine(),
-            "load_avg": list(os.getloadavg()), "rounds": a.rounds, "note": a.note}
+            "load_avg": list(os.getloadavg()), "rounds": a.rounds, "note": a.note,
+            "cpu": _cpu_model(), "amx": bool(native.features() & native.AMX)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

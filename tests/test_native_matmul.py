@@ -148,8 +148,69 @@ def test_refuses_what_it_cannot_read():
     assert native.int4_matmul(_x(1, 256), w256, sz256, 256, 64, torch.bfloat16, amx=True) is None
 
 
+def _panel(kind: str, x: torch.Tensor, q: fmt.QuantizedWeight, out: torch.dtype
+           ) -> torch.Tensor | None:
+    t = q.tensors
+    if kind == "int8":
+        return native.panel_matmul("int8", x, t["w_int8"], t["scales"], 0, q.shape[0], out)
+    return native.panel_matmul("int4", x, t["w_int4"], t["scales_zeros"], q.scheme.group_size,
+                               q.shape[0], out)
+
+
+def _panel_ref(x: torch.Tensor, q: fmt.QuantizedWeight) -> torch.Tensor:
+    """What the panel GEMM multiplies: the int8 codes exactly (times the scale), the int4
+    weight as the dequant path rounds it to bf16 (``int4_weight_t_bf16``)."""
+    w = fmt.dequantize(q)
+    return x.double() @ (w if q.scheme.mode == "int8" else w.to(torch.bfloat16)).double().t()
+
+
+@pytest.mark.skipif(not _has(native.INT4_GEMV), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("kind,n,k,group", [
+    ("int8", 64, 16, 0), ("int8", 101, 336, 0), ("int8", 130, 2048, 0),   # gather tail: 336 % 64
+    ("int4", 64, 256, 128), ("int4", 100, 320, 32), ("int4", 130, 576, 64), ("int4", 64, 384, 128)])
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 13, 40])
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16])
+def test_panel_gemm(threads, kind, n, k, group, m, out):
+    """The AVX512-BF16 panel GEMM: row counts around its 6-row micro-tile (5, 6, 7, 13), channel
+    counts that fill no 64-channel block (101, 100, 130), K with a partial last 256-k panel
+    (336, 320, 576, 384; 336 also a 16-k tail past the last 64 k, decoded by gathers), all three
+    int4 group sizes. Its products are exact (bf16
+    codes and weights times bf16 x) and its sums fp32: FP32_TOL as the other kernels."""
+    q = _quant(n, k, QuantScheme("int8") if kind == "int8" else QuantScheme("int4", group))
+    x = _x(m, k, mean=2.0)
+    y = _panel(kind, x, q, out)
+    assert y is not None and y.shape == (m, n) and y.dtype == out
+    assert _rel(y, _panel_ref(x, q)) < (FP32_TOL if out == torch.float32 else BF16_TOL)
+
+
+@pytest.mark.skipif(not _has(native.INT4_GEMV), reason="needs AVX512-BF16")
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_panel_gemm_row_chunks(kind):
+    """2 * 2049 rows of K=2048 are 8 MiB of x: the GEMM cuts them into two chunks of rows (its
+    x budget), each decoding the panels again. Every row exactly once and each right."""
+    k, m = 2048, 2049 * 2 + 5
+    q = _quant(64, k, QuantScheme("int8") if kind == "int8" else QuantScheme("int4", 128))
+    x = _x(m, k)
+    y = _panel(kind, x, q, torch.float32)
+    ref = _panel_ref(x, q)
+    per_row = (y.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert per_row.max().item() < FP32_TOL
+
+
+@pytest.mark.skipif(not _has(native.INT4_GEMV), reason="needs AVX512-BF16")
+def test_panel_gemm_declines_what_it_cannot_read():
+    q8, q4 = _quant(64, 40, QuantScheme("int8")), _quant(64, 256, QuantScheme("int4", 64))
+    assert _panel("int8", _x(8, 40), q8, torch.float32) is None          # K % 16 != 0
+    assert _panel("int4", _x(8, 256).float(), q4, torch.float32) is None  # fp32 x: caller casts
+    assert _panel("int4", _x(8, 512)[:, :256], q4, torch.float32) is None  # strided x
+    with pytest.raises(ValueError, match="kind"):
+        native.panel_matmul("int2", _x(8, 256), q4.tensors["w_int4"], q4.tensors["scales_zeros"],
+                            64, 64, torch.float32)
+
+
 @pytest.mark.parametrize("kind,path", [("int8", "native"), ("int8", "amx"), ("int4", "gemv"),
-                                       ("int4", "amx")])
+                                       ("int4", "amx"), ("int8", "panel"),
+                                       ("int4", "panel")])
 def test_paths_fall_back_without_the_library(monkeypatch, kind, path):
     """OPTC_NATIVE=0: each native path runs the torch/ATen path it replaces, same numbers."""
     q = _quant(128, 256, QuantScheme("int8") if kind == "int8" else QuantScheme("int4", 64))
@@ -164,10 +225,12 @@ def test_paths_fall_back_without_the_library(monkeypatch, kind, path):
 
 
 def test_table_paths_exist():
-    """Every path the decision table names is an implementation of that kind."""
-    for kind, buckets in Q.CPU_PATHS.items():
-        for _, path in buckets:
-            assert path in Q.CPU_IMPLS[kind], (kind, path)
+    """Every path either decision table names is an implementation of that kind."""
+    for table in (Q.CPU_PATHS, Q.CPU_PATHS_NO_AMX):
+        assert table.keys() == Q.CPU_IMPLS.keys()
+        for kind, buckets in table.items():
+            for _, path in buckets:
+                assert path in Q.CPU_IMPLS[kind], (kind, path)
 
 
 # ---- per-node specialization (native.gemv_bound via OpDef.specialize) -------------------------

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from optc.codegen.generator import KernelOrigin
 from optc.ops import OPS, get_op_def
+from optc.ops import native
 from optc.ops import quant as Q
 from optc.quant import formats as fmt
 from optc.quant.formats import QuantScheme
@@ -114,21 +115,34 @@ def test_fake_and_opcheck():
 
 # ---- the CPU decision table ------------------------------------------------------------------
 
-def test_decision_table_is_well_formed():
-    for kind, table in Q.CPU_PATHS.items():
-        assert kind in Q.CPU_IMPLS
-        bounds = [m for m, _ in table]
-        assert bounds == sorted(bounds) and bounds[-1] >= 1 << 62, kind    # covers every M
+@pytest.mark.parametrize("tables", [(Q.CPU_PATHS, Q.DENSE_RATIOS),
+                                    (Q.CPU_PATHS_NO_AMX, Q.DENSE_RATIOS_NO_AMX)])
+def test_decision_table_is_well_formed(tables):
+    paths, ratios = tables
+    assert paths.keys() == ratios.keys() == Q.CPU_IMPLS.keys()
+    for kind, table in paths.items():
+        for t in (table, ratios[kind]):
+            bounds = [r[0] for r in t]
+            assert bounds == sorted(bounds) and bounds[-1] >= 1 << 62, kind    # covers every M
         assert all(p in Q.CPU_IMPLS[kind] for _, p in table), kind
         for m in (1, 2, 16, 17, 64, 128, 4096):
             assert Q.cpu_path(kind, m, 2048) in Q.CPU_IMPLS[kind]
 
 
+def test_the_table_of_this_machine_is_used():
+    """AMX present: the Xeon-measured table; absent: the EPYC one (its AMX paths would only
+    run their fallbacks)."""
+    amx = bool(native.features() & native.AMX)
+    assert Q.cpu_tables()[0] is (Q.CPU_PATHS if amx else Q.CPU_PATHS_NO_AMX)
+    assert "amx" not in {p for t in Q.CPU_PATHS_NO_AMX.values() for _, p in t}
+
+
 def test_decode_runs_the_packed_kernels_and_odd_k_falls_back():
+    prefill = "amx" if native.features() & native.AMX else "panel"
     assert Q.cpu_path("int8", 1, 2048) == "native"
-    assert Q.cpu_path("int8", 128, 2048) == "amx"
+    assert Q.cpu_path("int8", 128, 2048) == prefill
     assert Q.cpu_path("int4", 1, 2048) == "gemv"
-    assert Q.cpu_path("int4", 128, 2048) == "amx"
+    assert Q.cpu_path("int4", 128, 2048) == prefill
     assert Q.cpu_path("bfp_planes", 1, 2048) == "int4pack"
     # K % 16 != 0: the native int8 kernel and _weight_int8pack_mm refuse it; dequant runs
     x, w = torch.randn(1, 40), torch.randn(32, 40) * 0.02
@@ -142,8 +156,8 @@ def test_slower_than_dense_notes():
             for dtype in (torch.float32, torch.bfloat16):
                 note = Q.slower_than_dense(kind, m, dtype)
                 assert note is None or ("slower than" in note and "quant_kernels" in note)
-    # a note exists exactly where the measured ratio is below 1
-    for kind, rows in Q.DENSE_RATIOS.items():
+    # a note exists exactly where this machine's table (with or without AMX) measured < 1
+    for kind, rows in Q.cpu_tables()[1].items():
         for max_m, r32, r16 in rows:
             assert (Q.slower_than_dense(kind, max_m, torch.float32) is None) == (r32 >= 1)
             assert (Q.slower_than_dense(kind, max_m, torch.bfloat16) is None) == (r16 >= 1)

@@ -34,6 +34,13 @@ dequantize-once-then-bf16-GEMM path (``dequant``), and optc's native kernels
   over the whole K (one per-channel scale at the end). From M=4 up it is 1.0-1.4x bf16 dense
   on the TinyLlama shapes, where the dequantize path was 0.4-0.8x.
 
+- ``int8 / panel``, ``int4 / panel``: the prefill path where AMX is not there (the 2-core AMD
+  EPYC VM: AVX512-BF16, no AMX): a bf16 GEMM on ``vdpbf16ps`` whose B operand is the weight
+  decoded to bf16, 64 channels x 256 k at a time, once per call and used by every row from L1
+  (6 rows x 64 channels of fp32 accumulators in registers). Its numbers are the dequant path's
+  (the same bf16-rounded int4 weights; the int8 codes exactly, scaled after the sum) without
+  writing and re-reading a bf16 copy of the weight.
+
 Each native path falls back to the ATen / dequant path it replaced when the kernel is not
 there (no compiler, ``OPTC_NATIVE=0``, a CPU without AVX512-BF16 or AMX).
 
@@ -76,6 +83,29 @@ Medians against dense fp32 / bf16 are in ``DENSE_RATIOS``. Weight-only int8 abov
 bf16 dense at M = 2..128. BFP: the two-plane int4 form (block 32) runs ATen's int4 kernel,
 1.1x bf16 at M=1. Block 16 runs dequantize + bf16 GEMM, 0.06x dense at M=1, and is worth it for
 its memory only.
+
+Without AMX the other table (``CPU_PATHS_NO_AMX``, ``DENSE_RATIOS_NO_AMX``; ``cpu_tables``
+picks by ``native.features()``) comes from the AMD EPYC VM, 2026-12-02: ``python -m
+benchmarks.quant_kernels --shapes 2048x2048,2048x256,2048x5632,5632x2048 --ms
+1,2,4,8,16,32,64,128,512,2048 --rounds 3 --out benchmarks/results/quant_kernels_epyc``. There
+the int4 GEMV wins up to M=32 (it decodes once per 4 rows, but its decode is cheap on this
+core), the panel GEMM from M=64 (int8: from M=16; ``_weight_int8pack_mm`` at M=2-8). With bf16
+activations (a bf16 model's prefill; ``--dtypes bf16 --ms 128,512,2048``,
+``quant_kernels_epyc_bf16.md``), min ms::
+
+    K->N         M     bf16 | int8 panel  dequant | int4 panel  dequant (g128)
+    2048->2048   128   1.51 |  1.40       1.80    |  1.30       2.06
+    2048->5632   512   14.5 |  14.8       15.7    |  14.6       17.3
+    5632->2048   512   14.7 |  14.9       15.6    |  14.0       17.6
+    2048->5632   2048  56.4 |  57.4       58.6    |  54.6       63.2
+    5632->2048   2048  56.9 |  58.7       58.0    |  55.8       70.3
+
+so int4 prefill is 0.97-1.16x dense bf16 on these shapes and int8 0.94-1.08x (the dequant path
+was 0.81-0.98x and 0.82-0.98x). The fp32-activation table's M=2048 ratios (0.84 / 0.89) are
+lower: there the path writes an fp32 output, 46 MB at 2048x5632, freshly allocated per call
+(``torch.empty(2048, 5632).fill_(1)`` alone took 13-18 ms here), where dense bf16 writes 23 MB.
+This host's speed drifts up to 1.7x within minutes (the same panel call: 64 ms, then 110 ms):
+compare within one run.
 
 The Triton kernels are rendered from ``optc.codegen.templates.quant_gemm``.
 """
@@ -301,6 +331,17 @@ def _int4_amx(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
         x2, w, sz, group_size)
 
 
+def _int4_panel(x2: Tensor, w: Tensor, sz: Tensor, group_size: int) -> Tensor:
+    y = native.panel_matmul("int4", _bf16(x2), w, sz, group_size, w.shape[0], x2.dtype)
+    return y if y is not None else _int4_dequant(x2, w, sz, group_size)
+
+
+def _int8_panel(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    y = native.panel_matmul("int8", _bf16(x2), w, scales, 0, w.shape[0], x2.dtype)
+    return y if y is not None else _int8_native(x2, w, scales) if x2.shape[0] <= 16 \
+        else _int8_dequant(x2, w, scales)
+
+
 def _w8a8_int_mm(x2: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     xq, sx = quantize_rows(x2)
     acc = torch._int_mm(xq, w.t())           # (M, N) int32, exact; the (N, K) .t() is fastest
@@ -327,9 +368,9 @@ def _bfp_dequant(x2: Tensor, m: Tensor, e: Tensor, perm: Tensor, block_size: int
 
 CPU_IMPLS: dict[str, dict[str, Callable[..., Tensor]]] = {
     "int8": {"int8pack": _int8pack, "dequant": _int8_dequant, "native": _int8_native,
-             "amx": _int8_amx},
+             "amx": _int8_amx, "panel": _int8_panel},
     "int4": {"int4pack": _int4pack, "dequant": _int4_dequant, "gemv": _int4_gemv,
-             "amx": _int4_amx},
+             "amx": _int4_amx, "panel": _int4_panel},
     "w8a8": {"int_mm": _w8a8_int_mm},
     "bfp_planes": {"int4pack": _bfp_planes, "dequant": _bfp_planes_dequant},
     "bfp_blocks": {"dequant": _bfp_dequant},
@@ -361,21 +402,61 @@ DENSE_RATIOS: dict[str, tuple[tuple[int, float, float], ...]] = {
 }
 
 
+# The same tables measured on the 2-core AMD EPYC VM (AVX-512 with AVX512-BF16, no AMX), where
+# the AMX paths do not exist and their fallbacks lose to the AVX512-BF16 panel GEMM (``panel``)
+# from M of a few dozen up (``benchmarks/results/quant_kernels_epyc.md``, module docstring).
+CPU_PATHS_NO_AMX: dict[str, tuple[tuple[int, str], ...]] = {
+    "int8": ((1, "native"), (8, "int8pack"), (1 << 62, "panel")),
+    "int4": ((32, "gemv"), (1 << 62, "panel")),
+    "w8a8": ((1 << 62, "int_mm"),),
+    "bfp_planes": ((32, "int4pack"), (1 << 62, "dequant")),
+    "bfp_blocks": ((1 << 62, "dequant"),),
+}
+DENSE_RATIOS_NO_AMX: dict[str, tuple[tuple[int, float, float], ...]] = {
+    "int8": ((1, 10.58, 3.90), (2, 11.90, 2.20), (4, 8.10, 1.58), (8, 3.67, 1.15), (16, 4.79, 1.13),
+             (32, 4.27, 1.08), (64, 4.30, 1.00), (128, 4.29, 0.98), (512, 4.33, 0.94),
+             (1 << 62, 3.95, 0.84)),
+    "int4": ((1, 16.22, 6.01), (2, 22.62, 4.19), (4, 21.08, 3.92), (8, 10.07, 2.61),
+             (16, 7.47, 1.71), (32, 5.37, 1.29), (64, 4.97, 1.13), (128, 4.76, 1.07),
+             (512, 4.52, 0.99), (1 << 62, 4.30, 0.89)),
+    "w8a8": ((1, 7.15, 2.72), (2, 5.58, 0.99), (4, 5.41, 0.87), (8, 3.71, 0.91), (16, 4.35, 1.03),
+             (32, 4.81, 1.14), (64, 5.52, 1.29), (128, 6.30, 1.41), (512, 6.34, 1.38),
+             (1 << 62, 3.42, 0.70)),
+    "bfp_planes": ((1, 3.80, 1.43), (2, 5.58, 1.03), (4, 3.89, 0.76), (8, 1.63, 0.43),
+                   (16, 1.23, 0.29), (32, 0.94, 0.22), (64, 0.89, 0.22), (128, 1.61, 0.37),
+                   (512, 1.61, 0.36), (1 << 62, 2.57, 0.53)),
+    "bfp_blocks": ((1, 0.13, 0.05), (2, 0.25, 0.06), (4, 0.25, 0.06), (8, 0.20, 0.06),
+                   (16, 0.28, 0.08), (32, 0.40, 0.09), (64, 0.62, 0.14), (128, 0.93, 0.21),
+                   (512, 1.90, 0.41), (1 << 62, 2.63, 0.59)),
+}
+
+
+def cpu_tables() -> tuple[dict[str, tuple[tuple[int, str], ...]],
+                          dict[str, tuple[tuple[int, float, float], ...]]]:
+    """(decision table, dense ratios) measured on a machine like this one: with AMX (the Xeon
+    runs: ``CPU_PATHS``, ``DENSE_RATIOS``) or without (``CPU_PATHS_NO_AMX``, ...). Which path
+    wins differs between the two by up to 4x at prefill M."""
+    if native.features() & native.AMX:
+        return CPU_PATHS, DENSE_RATIOS
+    return CPU_PATHS_NO_AMX, DENSE_RATIOS_NO_AMX
+
+
 def slower_than_dense(kind: str, m: int, dtype: torch.dtype) -> str | None:
     """A note when the CPU path for (kind, M) was measured slower than dense ``F.linear`` in
     ``dtype`` (fp32 models compare with fp32, half-precision ones with bf16), else None."""
-    max_m, r32, r16 = next(r for r in DENSE_RATIOS[kind] if m <= r[0])
+    paths, dense_ratios = cpu_tables()
+    max_m, r32, r16 = next(r for r in dense_ratios[kind] if m <= r[0])
     dense, ratio = ("fp32", r32) if dtype == torch.float32 else ("bf16", r16)
     if ratio >= 1:
         return None
-    path = next(p for bound, p in CPU_PATHS[kind] if m <= bound)
+    path = next(p for bound, p in paths[kind] if m <= bound)
     return (f"{kind} at M={m} ({path} path) runs at {ratio:.2f}x the speed of {dense} "
             f"F.linear: slower than dense (measured by benchmarks/quant_kernels.py)")
 
 
 def cpu_path(kind: str, m: int, k: int) -> str:
     """The CPU path for one call: the decision table, then the kernels' shape limits."""
-    path = next(p for max_m, p in CPU_PATHS[kind] if m <= max_m)
+    path = next(p for max_m, p in cpu_tables()[0][kind] if m <= max_m)
     if path == "int8pack" and k % 16:
         return "dequant"          # _weight_int8pack_mm reads garbage unless K % 16 == 0
     return path
@@ -397,20 +478,22 @@ def describe_cpu_node(node: Any, kind: str | None = None) -> str:
         note = slower_than_dense(kind, m, x.dtype)
         path = cpu_path(kind, m, k)
         return f"M={m}: {path} path" + (f"; {note}" if note else "") + _native_note(kind, {path})
-    parts = [f"M<={b}: {p}" if b < 1 << 62 else p for b, p in CPU_PATHS[kind]]
-    slow = [str(b) if b < 1 << 62 else "larger" for b, *_ in DENSE_RATIOS[kind]
+    paths, dense_ratios = cpu_tables()
+    parts = [f"M<={b}: {p}" if b < 1 << 62 else p for b, p in paths[kind]]
+    slow = [str(b) if b < 1 << 62 else "larger" for b, *_ in dense_ratios[kind]
             if slower_than_dense(kind, b, x.dtype)]
     return "symbolic M: " + ", else ".join(parts) + (
         f"; slower than dense at M in buckets {', '.join(slow)}" if slow else "") + _native_note(
-        kind, {p for _, p in CPU_PATHS[kind]})
+        kind, {p for _, p in paths[kind]})
 
 
 def _native_note(kind: str, paths: set[str]) -> str:
     """Whether the native kernels behind these paths run here, or what runs instead."""
     notes = []
-    if paths & {"native", "gemv", "amx"}:
+    if paths & {"native", "gemv", "amx", "panel"}:
         feats = native.features()
-        need = {"native": native.INT8_GEMV, "gemv": native.INT4_GEMV, "amx": native.AMX}
+        need = {"native": native.INT8_GEMV, "gemv": native.INT4_GEMV, "amx": native.AMX,
+                "panel": native.INT4_GEMV}
         missing = sorted(p for p in paths & need.keys() if not feats & need[p])
         if missing:
             st = native.status()
@@ -450,8 +533,11 @@ def run_cpu_path(q: fmt.QuantizedWeight, x: Tensor, bias: Tensor | None,
 def linear_int8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | None) -> Tensor:
     if bias is None and (x.dtype == BF16 or x.dtype == torch.float32):
         k = x.shape[-1]
-        if k and cpu_path("int8", x.numel() // k, k) == "native":
-            y = native.int8_matmul(x if x.dtype == BF16 else x.to(BF16), w_int8, scales, x.dtype)
+        path = cpu_path("int8", x.numel() // k, k) if k else ""
+        if path == "native" or path == "panel":
+            xb = x if x.dtype == BF16 else x.to(BF16)
+            y = native.int8_matmul(xb, w_int8, scales, x.dtype) if path == "native" else \
+                native.panel_matmul("int8", xb, w_int8, scales, 0, w_int8.shape[0], x.dtype)
             if y is not None:
                 return y
     x2 = _rows(x)
@@ -464,9 +550,12 @@ def linear_int4_cpu(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, bias: Tenso
     if bias is None and (x.dtype == BF16 or x.dtype == torch.float32):
         k = x.shape[-1]
         path = cpu_path("int4", x.numel() // k, k) if k else ""
-        if path == "gemv" or path == "amx":
-            y = native.int4_matmul(x if x.dtype == BF16 else x.to(BF16), w_int4, scales_zeros,
-                                   group_size, n, x.dtype, amx=path == "amx")
+        if path == "gemv" or path == "amx" or path == "panel":
+            xb = x if x.dtype == BF16 else x.to(BF16)
+            y = native.panel_matmul("int4", xb, w_int4, scales_zeros, group_size, n, x.dtype) \
+                if path == "panel" else \
+                native.int4_matmul(xb, w_int4, scales_zeros, group_size, n, x.dtype,
+                                   amx=path == "amx")
             if y is not None:
                 return y
     x2 = _rows(x)

@@ -2,7 +2,8 @@
 
 - ``dequant.cpp``: tile-64 int4 -> transposed bf16 weight (the prefill dequantize-then-GEMM path);
 - ``gemv.cpp``: quantized matmuls straight from the packed weights: int8 and int4 GEMV for
-  decode (AVX-512 / AVX512-BF16), and an int4 GEMM on AMX tiles for M from a few rows up;
+  decode (AVX-512 / AVX512-BF16), int4 and int8 GEMMs on AMX tiles for M from a few rows up,
+  and for CPUs without AMX an AVX512-BF16 panel GEMM (int8 and int4) for prefill;
 - ``decode.cpp``: the small ops of a decode step as one call each: add + RMSNorm (ATen's exact
   bits) and attention for a few query rows (``optc.ops.norms``, ``optc.ops.attention``).
 
@@ -20,6 +21,7 @@ torch paths; :func:`status` says which and why (``optc inspect`` prints it).
     from optc.ops import native
     wt = native.int4_weight_t_bf16(w_int4, scales_zeros, group_size, k)   # None: use torch
     y = native.int4_matmul(x2_bf16, w_int4, scales_zeros, group_size, n, amx=True)  # None: torch
+    y = native.panel_matmul("int4", x2_bf16, w_int4, scales_zeros, group_size, n, torch.bfloat16)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ HEADERS = tuple(Path(__file__).with_name(f) for f in ("bf16.h", "vmath.h"))
 # -ffp-contract=off: no product is fused into a following sum unless the source says so
 # (decode.cpp's RMSNorm rounds each product where ATen does, to give ATen's bits).
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off")
-ABI_VERSION = 8
+ABI_VERSION = 9
 _status: dict[str, str] = {"state": "not built"}
 
 
@@ -121,6 +123,7 @@ def _load(path: Path) -> ctypes.CDLL:
                        ("optc_gemv_int8", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemm_int8_amx", [p, p, p, p, i32] + [i64] * 4),
                        ("optc_gemv_int4", [p, p, p, p, i32] + [i64] * 6 + [i32]),
+                       ("optc_gemm_panel", [i32, p, p, p, p, i32] + [i64] * 6),
                        ("optc_gemv_multi", [i32, p, i32, p, p, p, p, p, i64, i64, i32]),
                        ("optc_gemv_features", []),
                        ("optc_decode_features", []),
@@ -343,6 +346,39 @@ def int4_matmul(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, group_size: int
                            f"x {tuple(x.shape)}, w {tuple(w_int4.shape)}, group {group_size}")
     return y
 
+
+
+def panel_matmul(kind: str, x: Tensor, w: Tensor, aux: Tensor, group_size: int, n: int,
+                 out_dtype: torch.dtype) -> Tensor | None:
+    """``x (..., K) bf16 @ dequantize(W).T`` as (..., n) by the AVX512-BF16 panel GEMM (gemv.cpp
+    ``panel_gemm``: each 64-channel x 256-k panel of the weight decoded once per call to bf16
+    and used by every row; the prefill path where AMX is not there). ``kind`` "int8" (aux =
+    scales, n = N) or "int4" (tile-64, aux = scales_zeros). The numbers are the dequant path's
+    (bf16 weights as ``int4_weight_t_bf16`` rounds them, fp32 sums). Output bf16 when
+    ``out_dtype`` is bf16 else fp32. None when the kernel is not available or the arguments
+    are not the layout it reads."""
+    if kind == "int8":
+        n, k = w.shape if w.dim() == 2 else (0, 0)
+        np_, code, ok = n, 0, lambda: _int8_layout_ok(w, aux)
+    elif kind == "int4":
+        np_, k = (w.shape[0], 2 * w.shape[1]) if w.dim() == 2 else (0, 0)
+        code, ok = 1, lambda: _int4_layout_ok(w, aux, group_size, n)
+    else:
+        raise ValueError(f"panel_matmul: kind must be 'int8' or 'int4', got {kind!r}")
+    m = _rows_of(x, k)
+    if m == 0 or not _weights_ok((id(w), id(aux), kind, group_size, n), w, aux, ok):
+        return None
+    lib, feats = _hot()
+    if not feats & INT4_GEMV:             # panel_gemm needs AVX512-BF16, as the int4 GEMV
+        return None
+    bf = out_dtype == torch.bfloat16
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16 if bf else torch.float32)
+    rc = lib.optc_gemm_panel(code, x.data_ptr(), w.data_ptr(), aux.data_ptr(), y.data_ptr(),
+                             int(bf), m, k, np_, n, group_size if code else 0, n)
+    if rc != 0:
+        raise RuntimeError(f"optc native {kind} panel GEMM failed (code {rc}): x "
+                           f"{tuple(x.shape)}, w {tuple(w.shape)}, group {group_size}")
+    return y
 
 def _gemv_shape(kind: str, feats: int, w: Tensor, aux: Tensor, group_size: int, n: int
                 ) -> tuple[int, int, int] | None:

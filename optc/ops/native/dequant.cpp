@@ -56,7 +56,7 @@ void int4_blocks(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t k,
 
 extern "C" {
 
-int optc_native_abi_version() { return 8; }
+int optc_native_abi_version() { return 9; }
 
 // Returns 0 on success, a positive code for an argument the caller should have rejected.
 int optc_int4_tile64_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t k,

@@ -1,4 +1,5 @@
-// optc native CPU kernels: weight-only quantized matmuls, GEMV for decode and an AMX int4 GEMM.
+// optc native CPU kernels: weight-only quantized matmuls: GEMVs for decode, AMX GEMMs and an
+// AVX512-BF16 panel GEMM (for CPUs without AMX) for prefill.
 //
 // The kernels read optc's packed formats in place (optc/quant/formats.py, the layouts ATen's
 // _weight_int8pack_mm / _weight_int4pack_mm_for_cpu read), take bf16 activations x (M, K) and
@@ -218,6 +219,242 @@ void int4_blocks(const uint8_t* w, const uint16_t* sz, const uint16_t* x, const 
 }
 #endif
 
+// A per-thread buffer that only grows (64-byte aligned): a fresh multi-MB allocation per call is
+// mmap'd and page-faulted again each time (~10 ms for the 23 MB packed x of a 2048 x 5632 call).
+// Each calling thread has its own, so concurrent calls from several Python threads do not share.
+// Slots: 0 the caller's packed x (AMX GEMMs), 1-2 int8_gemm_amx's and 3-4 panel_gemm's per-worker
+// buffers (the caller is also OpenMP thread 0, so the two sets must differ).
+inline void* scratch(int slot, size_t bytes) {
+    struct Buf { void* p = nullptr; size_t n = 0; ~Buf() { std::free(p); } };
+    thread_local Buf bufs[5];
+    Buf& b = bufs[slot];
+    if (b.n < bytes) {
+        std::free(b.p);
+        b.n = (bytes + 63) / 64 * 64;
+        b.p = std::aligned_alloc(64, b.n);
+        if (b.p == nullptr) b.n = 0;
+    }
+    return b.p;
+}
+
+#ifdef OPTC_HAVE_INT4
+// Prefill without AMX (panel_gemm): a bf16 GEMM on AVX512-BF16 whose B operand is the quantized
+// weight decoded panel by panel. Each panel (64 channels x kPanelK k in bf16 pairs (w[k, c],
+// w[k + 1, c]) per channel: 32 KiB, in L1) is decoded once per call and used by all M rows,
+// kPanelRows at a time with 4 x kPanelRows fp32 accumulators in registers (one vdpbf16ps per 16
+// channels per row per pair of k, x's pair broadcast). The fp32 sums of one 64-channel block
+// live in a per-thread (M, 64) buffer between panels. The decoded values are those the dequant
+// path hands oneDNN (int4: bf16_rne((u - 8) s + z), one fp32 rounding then RNE, as
+// int4_tile64_to_bf16_t; int8: q itself, exact, the scale applied to the fp32 sum), without
+// writing and re-reading a bf16 weight. Measured in the module docstring of optc/ops/quant.py.
+constexpr int64_t kPanelK = 256;
+constexpr int kPanelRows = 6;
+
+// int4 tile-64 block wb (its (K, 32) bytes), scales_zeros of its channels szb (row stride np
+// pairs), k in [k0, k0 + kc): out (kc / 2, 64, 2) bf16.
+void decode_panel_int4(const Int4Decode& dec, __m512i inter, const uint8_t* wb,
+                       const uint16_t* szb, int64_t np, int64_t group, int64_t k0, int64_t kc,
+                       uint16_t* out) {
+    __m512 s[4], z[4];
+    for (int64_t kk = k0; kk < k0 + kc; kk += 2) {
+        if (kk == k0 || kk % group == 0) {
+            const uint16_t* szg = szb + (kk / group) * np * 2;
+            for (int c = 0; c < 4; ++c) {
+                __m512i p = _mm512_loadu_si512(szg + 32 * c);
+                s[c] = _mm512_castsi512_ps(_mm512_slli_epi32(p, 16));
+                z[c] = _mm512_castsi512_ps(_mm512_and_si512(p, dec.hi_mask));
+            }
+        }
+        __m512i v[4];
+        dec.pairs(wb + kk * 32, v);
+        uint16_t* o = out + (kk - k0) * 64;
+        for (int c = 0; c < 4; ++c) {     // 128 + u -> u - 8 (exact) -> (u - 8) s + z
+            __m512 lo = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v[c], 16)), dec.c136);
+            __m512 hi = _mm512_sub_ps(_mm512_castsi512_ps(_mm512_and_si512(v[c], dec.hi_mask)),
+                                      dec.c136);
+            lo = _mm512_fmadd_ps(lo, s[c], z[c]);
+            hi = _mm512_fmadd_ps(hi, s[c], z[c]);
+            __m512i words = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);   // lo 0-15, then hi 0-15
+            _mm512_store_si512(o + 32 * c, _mm512_permutexvar_epi16(inter, words));
+        }
+    }
+}
+
+// Lane c of the (q[4d], .., q[4d + 3]) dwords of 16 channels -> the two bf16 pair rows of k = 4d
+// and 4d + 2 (exact integers) at o and o + 128.
+inline void int8_quads_to_pairs(__m512i d, __m512i inter, uint16_t* o) {
+    __m512 q[4];
+    for (int j = 0; j < 4; ++j)
+        q[j] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(d, 24 - 8 * j), 24));
+    _mm512_store_si512(o, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(q[1], q[0])));
+    _mm512_store_si512(o + 128,
+                       _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(q[3], q[2])));
+}
+
+// 16 rows r of 64 bytes (16 dwords each) -> out[d] lane c = dword d of row c (a 16 x 16 dword
+// transpose in 64 shuffles instead of 16 dword gathers: the whole int8 GEMM at M=128, 2048 ->
+// 5632 took 4.30 ms with the transpose and 5.46 ms with gathers, dense bf16 4.15-4.17 ms).
+inline void transpose16_dwords(const __m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {        // u[4i + j], 128-bit lane L: rows 4i .. 4i + 3, dword 4L + j
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int j = 0; j < 4; ++j) {        // a 4 x 4 transpose of 128-bit lanes
+        const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        out[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        out[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        out[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        out[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+// int8 (N, K) rows c0 .. c0 + 63 (rows >= n repeat row n - 1: computed, never stored), k in
+// [k0, k0 + kc) (kc % 4 == 0): out (kc / 2, 64, 2) bf16, the exact integers q.
+void decode_panel_int8(__m512i inter, const int8_t* w, int64_t k, int64_t n, int64_t c0,
+                       int64_t k0, int64_t kc, uint16_t* out) {
+    for (int c = 0; c < 4; ++c) {
+        const int8_t* rows[16];
+        alignas(64) int32_t ix[16];
+        for (int l = 0; l < 16; ++l) {
+            const int64_t ch = c0 + 16 * c + l < n ? c0 + 16 * c + l : n - 1;
+            rows[l] = w + ch * k;
+            ix[l] = static_cast<int32_t>(ch * (k / 4));
+        }
+        int64_t kk = k0;
+        for (; kk + 64 <= k0 + kc; kk += 64) {
+            __m512i r[16], d[16];
+            for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + kk);
+            transpose16_dwords(r, d);
+            for (int j = 0; j < 16; ++j)
+                int8_quads_to_pairs(d[j], inter, out + (kk + 4 * j - k0) * 64 + 32 * c);
+        }
+        const __m512i idx = _mm512_load_si512(ix);
+        for (; kk < k0 + kc; kk += 4)    // q[k .. k + 3] per lane
+            int8_quads_to_pairs(_mm512_i32gather_epi32(idx, w + kk, 4), inter,
+                                out + (kk - k0) * 64 + 32 * c);
+    }
+}
+
+// acc (R rows x 64 channels, row stride 64 floats) (+)= x rows (stride k, from k0) @ panel
+template <int R>
+void panel_rows(const uint16_t* panel, const uint16_t* x, int64_t k, int64_t kc, float* acc_mem,
+                bool first) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c)
+            acc[r][c] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_mem + r * 64 + 16 * c);
+    for (int64_t p = 0; p < kc / 2; ++p) {
+        const uint16_t* b = panel + p * 128;
+        __m512bh bv[4];
+        for (int c = 0; c < 4; ++c) bv[c] = (__m512bh)_mm512_load_si512(b + 32 * c);
+        for (int r = 0; r < R; ++r) {
+            int32_t xp;
+            std::memcpy(&xp, x + r * k + 2 * p, 4);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp);
+            for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bv[c], xv);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_store_ps(acc_mem + r * 64 + 16 * c, acc[r][c]);
+}
+
+void panel_all_rows(const uint16_t* panel, const uint16_t* x, int64_t m, int64_t k, int64_t kc,
+                    float* acc, bool first) {
+    int64_t r = 0;
+    for (; r + kPanelRows <= m; r += kPanelRows)
+        panel_rows<kPanelRows>(panel, x + r * k, k, kc, acc + r * 64, first);
+    switch (m - r) {
+        case 0: break;
+        case 1: panel_rows<1>(panel, x + r * k, k, kc, acc + r * 64, first); break;
+        case 2: panel_rows<2>(panel, x + r * k, k, kc, acc + r * 64, first); break;
+        case 3: panel_rows<3>(panel, x + r * k, k, kc, acc + r * 64, first); break;
+        case 4: panel_rows<4>(panel, x + r * k, k, kc, acc + r * 64, first); break;
+        default: panel_rows<5>(panel, x + r * k, k, kc, acc + r * 64, first); break;
+    }
+}
+
+// y[row0 : row0 + m, c0 : c0 + 64) (channels < n) <- acc (m, 64), times scales (64 bf16 at c0)
+// when given
+void panel_store(const float* acc, const uint16_t* scales, void* y, bool out_bf16, int64_t m,
+                 int64_t n, int64_t ldy, int64_t row0, int64_t c0) {
+    const int64_t cols = n - c0 < 64 ? n - c0 : 64;
+    alignas(64) float s[64];
+    for (int i = 0; i < 64; ++i) s[i] = scales != nullptr && i < cols ? bf16_to_f32(scales[c0 + i]) : 1.0f;
+    for (int64_t r = 0; r < m; ++r) {
+        const float* a = acc + r * 64;
+        const int64_t o = (row0 + r) * ldy + c0;
+        int64_t i = 0;
+        for (; i + 16 <= cols; i += 16) {
+            const __m512 v = _mm512_mul_ps(_mm512_load_ps(a + i), _mm512_load_ps(s + i));
+            if (out_bf16)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(y) + o + i),
+                                    (__m256i)_mm512_cvtneps_pbh(v));
+            else
+                _mm512_storeu_ps(static_cast<float*>(y) + o + i, v);
+        }
+        for (; i < cols; ++i) store(y, out_bf16, o + i, a[i] * s[i]);
+    }
+}
+
+inline __m512i pair_interleave() {   // vpermw: words (lo 0-15, hi 0-15) -> (lo0, hi0, lo1, ...)
+    alignas(64) uint16_t inter[32];
+    for (int i = 0; i < 16; ++i) {
+        inter[2 * i] = static_cast<uint16_t>(i);
+        inter[2 * i + 1] = static_cast<uint16_t>(16 + i);
+    }
+    return _mm512_load_si512(inter);
+}
+
+// All M rows of x against 64-channel blocks [b0, b1), in chunks of rows whose x (rows x K bf16)
+// stays within kPanelXBytes: every block reads all of its chunk's x, so a chunk larger than the
+// last-level cache is streamed from DRAM once per block (measured at M=2048, 5632 -> 2048:
+// 23 MB of x, 0.81x dense bf16 unchunked). The cost of a chunk: each panel is decoded once more.
+// kind 0: int8 (w (N, K), aux scales (N,)); kind 1: int4 tile-64 (aux scales_zeros). False when
+// the thread's buffers cannot be allocated.
+constexpr int64_t kPanelXBytes = 8 << 20;
+
+bool panel_gemm(int kind, const void* w, const uint16_t* aux, const uint16_t* x, void* y,
+                bool out_bf16, int64_t m, int64_t k, int64_t np, int64_t n, int64_t group,
+                int64_t ldy, int64_t b0, int64_t b1) {
+    int64_t mc = kPanelXBytes / (2 * k) / kPanelRows * kPanelRows;
+    if (mc < kPanelRows) mc = kPanelRows;
+    const int64_t chunks = (m + mc - 1) / mc;
+    mc = ((m + chunks - 1) / chunks + kPanelRows - 1) / kPanelRows * kPanelRows;   // balanced
+    float* acc = static_cast<float*>(scratch(3, (mc < m ? mc : m) * 64 * sizeof(float)));
+    uint16_t* panel = static_cast<uint16_t*>(scratch(4, kPanelK * 64 * sizeof(uint16_t)));
+    if (acc == nullptr || panel == nullptr) return false;
+    const Int4Decode dec;
+    const __m512i inter = pair_interleave();
+    for (int64_t m0 = 0; m0 < m; m0 += mc) {
+        const int64_t rows = m - m0 < mc ? m - m0 : mc;
+        for (int64_t b = b0; b < b1; ++b) {
+            for (int64_t k0 = 0; k0 < k; k0 += kPanelK) {
+                const int64_t kc = k - k0 < kPanelK ? k - k0 : kPanelK;
+                if (kind == 1)
+                    decode_panel_int4(dec, inter, static_cast<const uint8_t*>(w) + b * k * 32,
+                                      aux + b * 64 * 2, np, group, k0, kc, panel);
+                else
+                    decode_panel_int8(inter, static_cast<const int8_t*>(w), k, n, b * 64, k0, kc,
+                                      panel);
+                panel_all_rows(panel, x + m0 * k + k0, rows, k, kc, acc, k0 == 0);
+            }
+            panel_store(acc, kind == 0 ? aux : nullptr, y, out_bf16, rows, n, ldy, m0, b * 64);
+        }
+    }
+    return true;
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define OPTC_HAVE_AMX 1
 // AMX: the same sums, with TDPBF16PS doing the multiply-adds. Its B operand (16 rows of 16 bf16
@@ -347,22 +584,6 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
     }
     std::free(out);
     _tile_release();
-}
-
-// A per-thread buffer that only grows (64-byte aligned): a fresh multi-MB allocation per call is
-// mmap'd and page-faulted again each time (~10 ms for the 23 MB packed x of a 2048 x 5632 call).
-// Each calling thread has its own, so concurrent calls from several Python threads do not share.
-inline void* scratch(int slot, size_t bytes) {
-    struct Buf { void* p = nullptr; size_t n = 0; ~Buf() { std::free(p); } };
-    thread_local Buf bufs[3];
-    Buf& b = bufs[slot];
-    if (b.n < bytes) {
-        std::free(b.p);
-        b.n = (bytes + 63) / 64 * 64;
-        b.p = std::aligned_alloc(64, b.n);
-        if (b.p == nullptr) b.n = 0;
-    }
-    return b.p;
 }
 
 // int8 GEMM on AMX with the roles of the operands swapped: C^T = W x^T. The int8 weight's rows
@@ -629,6 +850,33 @@ int optc_gemm_int8_amx(const uint16_t* x, const int8_t* w, const uint16_t* scale
     return ok ? 0 : 2;
 #else
     (void)x; (void)w; (void)scales; (void)y; (void)out_bf16; (void)m; (void)k; (void)n; (void)ldy;
+    return 9;
+#endif
+}
+
+// y (M, ldy) <- x (M, K) bf16 @ W^T by panel_gemm (AVX512-BF16; the prefill path without AMX).
+// kind 0: int8, w (N, K), aux scales (N,), K % 16 == 0, np == n; kind 1: int4 tile-64, aux
+// scales_zeros (K / group, np, 2), np % 64 == 0, group even, K % group == 0. Channels [0, n).
+// 0 on success, 1 bad arguments, 2 out of memory, 9 not compiled in (no AVX512-BF16).
+int optc_gemm_panel(int kind, const uint16_t* x, const void* w, const uint16_t* aux, void* y,
+                    int out_bf16, int64_t m, int64_t k, int64_t np, int64_t n, int64_t group,
+                    int64_t ldy) {
+#ifdef OPTC_HAVE_INT4
+    if (m <= 0 || n <= 0 || k <= 0 || ldy < n) return 1;
+    if (kind == 1) {
+        if (np % 64 != 0 || n > np || group <= 0 || group % 2 != 0 || k % group != 0) return 1;
+    } else if (kind != 0 || k % 16 != 0 || np != n) {
+        return 1;
+    }
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, (n + 63) / 64, 1, [&](int64_t lo, int64_t hi) {
+        if (!panel_gemm(kind, w, aux, x, y, out_bf16 != 0, m, k, np, n, group, ldy, lo, hi))
+            ok = false;
+    });
+    return ok ? 0 : 2;
+#else
+    (void)kind; (void)x; (void)w; (void)aux; (void)y; (void)out_bf16; (void)m; (void)k; (void)np;
+    (void)n; (void)group; (void)ldy;
     return 9;
 #endif
 }
