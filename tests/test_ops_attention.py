@@ -347,3 +347,50 @@ def test_cpu_op_matches_reference_for_any_shape(B, hkv, group, tq, tk, D, mask, 
         m = m[:, :1]                                  # (B, 1, 1, Tk): broadcast over heads
     out = torch.ops.optc.attention(q, k, v, m, causal, 0.7, group)
     _close(out, reference(q, k, v, m, causal, 0.7, group)[0], torch.float32)
+
+
+# ---- the causal-prefix mask (a prefill from position 0 into a KV cache) ----------------------
+
+def _prefix_mask(tq: int, tk: int) -> torch.Tensor:
+    return (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None])[None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq,tk", [(16, 16), (100, 100), (300, 300), (100, 300), (130, 512)])
+def test_causal_prefix_mask_runs_as_is_causal(dtype, tq, tk):
+    """The mask of a prefill into a cache of tk slots runs as is_causal over the first tq keys:
+    the masked call's bits where tk == tq; where tk > tq the key blocks are cut differently, so
+    within fp32 rounding of the sums (bf16 outputs: one rounding step, 2^-8 of the largest)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, tq, 64, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, tk, 64, generator=g).to(dtype) for _ in range(2))
+    mask = _prefix_mask(tq, tk)
+    assert A.causal_prefix(mask, tq, tk)
+    out = A.attention_cpu(q, k, v, mask, False, 0.125, 4)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125,
+                                                           enable_gqa=True)
+    if tk == tq:
+        assert torch.equal(out, ref)
+    else:
+        tol = 2 ** -8 * ref.abs().max().item() if dtype == torch.bfloat16 else 1e-6
+        assert (out.float() - ref.float()).abs().max().item() <= tol
+
+
+def test_causal_prefix_must_not_fire():
+    m = _prefix_mask(32, 64)
+    assert not A.causal_prefix(m, 32, 48)                      # shape is not (tq, tk)
+    assert not A.causal_prefix(m.float(), 32, 64)              # additive masks: not checked
+    assert not A.causal_prefix(m.expand(2, 1, 32, 64), 32, 64)  # per-batch masks
+    shifted = (torch.arange(64)[None, :] <= torch.arange(32)[:, None] + 5)[None, None]
+    assert not A.causal_prefix(shifted, 32, 64)                # a chunk after 5 cached tokens
+    holed = m.clone()
+    holed[0, 0, 20, 3] = False                                 # padding: one key hidden
+    assert not A.causal_prefix(holed, 32, 64)
+    assert not A.causal_prefix(_prefix_mask(64, 32), 64, 32)   # fewer keys than queries
+    assert not A.causal_prefix(None, 32, 64)
+    # and the op then takes the masked kernel: the shifted chunk still sees its 5 earlier keys
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, t, 16, generator=g) for t in (32, 64, 64))
+    out = A.attention_cpu(q, k, v, shifted, False, 0.25, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=shifted, scale=0.25)
+    assert torch.equal(out, ref)
