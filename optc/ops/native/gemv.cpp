@@ -291,30 +291,31 @@ inline void int8_quads_to_pairs(__m512i d, __m512i inter, uint16_t* o) {
                        _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(q[3], q[2])));
 }
 
-// 16 rows r of 64 bytes (16 dwords each) -> out[d] lane c = dword d of row c (a 16 x 16 dword
-// transpose in 64 shuffles instead of 16 dword gathers: the whole int8 GEMM at M=128, 2048 ->
-// 5632 took 4.30 ms with the transpose and 5.46 ms with gathers, dense bf16 4.15-4.17 ms).
-inline void transpose16_dwords(const __m512i r[16], __m512i out[16]) {
+// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r (4 unpack/shuffle
+// stages, 64 instructions for 256 elements). The int8 panel decode transposes with it instead of
+// 16 dword gathers: the whole int8 GEMM at M=128, 2048 -> 5632 took 4.30 ms with the transpose
+// and 5.46 ms with gathers (dense bf16 4.15-4.17 ms).
+inline void transpose16(__m512i r[16]) {
     __m512i t[16], u[16];
     for (int i = 0; i < 8; ++i) {
         t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
         t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
     }
-    for (int i = 0; i < 4; ++i) {        // u[4i + j], 128-bit lane L: rows 4i .. 4i + 3, dword 4L + j
-        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    for (int g = 0; g < 4; ++g) {       // u[4 g + c], lane L: rows 4g .. 4g + 3 of column 4 L + c
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
     }
-    for (int j = 0; j < 4; ++j) {        // a 4 x 4 transpose of 128-bit lanes
-        const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
-        const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
-        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-        out[j] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-        out[4 + j] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
-        out[8 + j] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-        out[12 + j] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);     // lanes 0, 2
+        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);     // lanes 1, 3
+        const __m512i v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
+        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
+        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
     }
 }
 
@@ -332,11 +333,11 @@ void decode_panel_int8(__m512i inter, const int8_t* w, int64_t k, int64_t n, int
         }
         int64_t kk = k0;
         for (; kk + 64 <= k0 + kc; kk += 64) {
-            __m512i r[16], d[16];
+            __m512i r[16];
             for (int l = 0; l < 16; ++l) r[l] = _mm512_loadu_si512(rows[l] + kk);
-            transpose16_dwords(r, d);
+            transpose16(r);                 // r[j] lane l: q[channel l][kk + 4 j .. + 3]
             for (int j = 0; j < 16; ++j)
-                int8_quads_to_pairs(d[j], inter, out + (kk + 4 * j - k0) * 64 + 32 * c);
+                int8_quads_to_pairs(r[j], inter, out + (kk + 4 * j - k0) * 64 + 32 * c);
         }
         const __m512i idx = _mm512_load_si512(ix);
         for (; kk < k0 + kc; kk += 4)    // q[k .. k + 3] per lane
@@ -595,32 +596,6 @@ void int4_gemm_amx(const uint8_t* w, const uint16_t* sz, const uint16_t* xp, con
 // in L2) into a panel of A tiles; the output is written transposed and scaled.
 // xt (tiles, K/32, 16 pairs, 16 tokens) bf16 pairs: pair (x[16 t + i][32 j + 2 p], ... + 1); tokens
 // past M are zero.
-// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r (4 unpack/shuffle
-// stages, 64 instructions for 256 elements).
-inline void transpose16(__m512i r[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int g = 0; g < 4; ++g) {       // u[4 g + c], lane L: rows 4g .. 4g + 3 of column 4 L + c
-        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {
-        const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);     // lanes 0, 2
-        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD);     // lanes 1, 3
-        const __m512i v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        const __m512i w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
-        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88);
-        r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
-        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88);
-        r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
-    }
-}
-
 void xt_pack(const uint16_t* x, uint32_t* xt, int64_t m, int64_t k, int64_t t0, int64_t t1) {
     const int64_t kc = k / 32;
     for (int64_t t = t0; t < t1; ++t)
