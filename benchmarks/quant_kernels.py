@@ -41,6 +41,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import machine_info
 from optc.ops import native
 from optc.ops import quant as Q
 from optc.quant import formats as fmt
@@ -120,16 +121,6 @@ def run(shapes: list[tuple[int, int]], ms: list[int], dtypes: list[str], rounds:
                     f"{r['format']}/{r['path']} {r['min_ms']:.3f}|{r['cpu_min_ms']:.3f}"
                     for r in rows[-len(cands):]), flush=True)
     return rows
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], key: str = "min_ms") -> str:
@@ -242,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"when": time.strftime("%Y-%m-%d %H:%M"), "threads": a.threads,
             "torch": torch.__version__, "machine": platform.machine(),
             "load_avg": list(os.getloadavg()), "rounds": a.rounds, "note": a.note,
-            "cpu": _cpu_model(), "amx": bool(native.features() & native.AMX)}
+            "cpu": machine_info(a.threads)["cpu"], "amx": bool(native.features() & native.AMX)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

@@ -536,8 +536,10 @@ def linear_int8_cpu(x: Tensor, w_int8: Tensor, scales: Tensor, bias: Tensor | No
         path = cpu_path("int8", x.numel() // k, k) if k else ""
         if path == "native" or path == "panel":
             xb = x if x.dtype == BF16 else x.to(BF16)
-            y = native.int8_matmul(xb, w_int8, scales, x.dtype) if path == "native" else \
-                native.panel_matmul("int8", xb, w_int8, scales, 0, w_int8.shape[0], x.dtype)
+            if path == "panel":
+                y = native.panel_matmul("int8", xb, w_int8, scales, 0, w_int8.shape[0], x.dtype)
+            else:
+                y = native.int8_matmul(xb, w_int8, scales, x.dtype)
             if y is not None:
                 return y
     x2 = _rows(x)
@@ -552,10 +554,11 @@ def linear_int4_cpu(x: Tensor, w_int4: Tensor, scales_zeros: Tensor, bias: Tenso
         path = cpu_path("int4", x.numel() // k, k) if k else ""
         if path == "gemv" or path == "amx" or path == "panel":
             xb = x if x.dtype == BF16 else x.to(BF16)
-            y = native.panel_matmul("int4", xb, w_int4, scales_zeros, group_size, n, x.dtype) \
-                if path == "panel" else \
-                native.int4_matmul(xb, w_int4, scales_zeros, group_size, n, x.dtype,
-                                   amx=path == "amx")
+            if path == "panel":
+                y = native.panel_matmul("int4", xb, w_int4, scales_zeros, group_size, n, x.dtype)
+            else:
+                y = native.int4_matmul(xb, w_int4, scales_zeros, group_size, n, x.dtype,
+                                       amx=path == "amx")
             if y is not None:
                 return y
     x2 = _rows(x)
