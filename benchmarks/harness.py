@@ -172,7 +172,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "isa": sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
                                                 "amx_bf16", "amx_int8", "amx_tile")),
         "torch": torch.__version__, "python": platform.python_version(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "git_commit": _git_commit(),
     }
 
@@ -201,9 +201,13 @@ def run_job(job: Job, threads: int, scratch: Path, extra: dict[str, Any] | None 
     env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor")
     env["OPTC_CACHE_DIR"] = str(work / "optc")
     env["HF_HUB_OFFLINE"] = "1"
-    # libgomp's busy-wait makes 2 threads crawl when another process shares the cores; passive
-    # waiting costs nothing measurable on a quiet machine (models/train_tiny.py measured both).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is the caller's (unset: libgomp spins a while after each parallel region,
+    # then sleeps; what a user's process gets). Up to 2026-12-02 the harness forced PASSIVE (spin
+    # waits make 2 threads crawl when another process shares the cores), but then every parallel
+    # region of a decode step wakes a sleeping thread, and on the EPYC VM that cost every
+    # configuration up to half its decode speed (benchmarks.decode_ab --wait-policies
+    # PASSIVE,default: torchao int4 14.3 vs 26.5 tok/s, optc int4 31.0 vs 48.5). For a shared
+    # host: OMP_WAIT_POLICY=PASSIVE python -m benchmarks run ...
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
