@@ -6,9 +6,10 @@ nodes (no bias) and keep those nodes' packed weights as they are: nothing is con
 copied, so the quantized store stays the one owner of the weights.
 
 Why: at decode (one row of x) each quantized linear is one native GEMV, and each GEMV is one
-parallel region of torch's thread pool. With ``OMP_WAIT_POLICY=PASSIVE`` (the benchmark
-harness's policy, and libgomp's after its spin count) every region wakes a sleeping thread.
-Measured on this 2-core VM (TinyLlama-1.1B's 155 int4 GEMVs, 2 threads): 41.7 ms per token
+parallel region of torch's thread pool. With ``OMP_WAIT_POLICY=PASSIVE`` (which the benchmark
+harness forced until 2026-12-02), and under libgomp's default once its spin count ran out,
+every region wakes a sleeping thread.
+Measured on the 2-core Xeon VM (TinyLlama-1.1B's 155 int4 GEMVs, 2 threads): 41.7 ms per token
 with PASSIVE against 36.9 ms with spinning threads, and a 2048 x 256 K/V projection took
 0.058 ms on two threads against 0.043 ms on one. One call covers all the weights of a group in
 one region and one pass over x (``optc_gemv_multi``), and SwiGLU applies ``silu * mul`` to each
